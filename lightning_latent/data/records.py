@@ -5,7 +5,11 @@ into :class:`Record` here, so the layout, the model and the rewards never see a 
 """
 from __future__ import annotations
 
+import logging
+import re
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -16,3 +20,233 @@ class Record:
     steps: tuple[str, ...]
     answer: str
     idx: int = -1  # position of the row in its source split; -1 when unknown
+
+log = logging.getLogger("lightning_latent.data")
+
+__all__ = [
+    "Record",
+    "BadRow",
+    "SkipCounter",
+    "raise_or_count",
+    "normalize_answer",
+    "is_numeric_answer",
+    "parse_gsm8k",
+    "parse_gsm8k_aug",
+    "parse_coconut_json",
+]
+
+
+class BadRow(ValueError):
+    """A source row that cannot become a :class:`Record`.
+
+    ``reason`` is short and machine readable (``missing_field``, ``bad_type``, ``empty_question``,
+    ``no_answer``, ``non_numeric_answer``, ``empty_step``, ``unparsable``); it is the key under which
+    :class:`SkipCounter` counts the row.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class SkipCounter:
+    """Counts skipped rows per (source, reason); logs each skip at DEBUG and a summary at WARNING.
+
+    A counter lives in the process that iterates the data: with DataLoader workers each worker has its
+    own copy, so counts seen by the main process are only those it iterated itself.
+    """
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, source: str, reason: str, location: str | None = None) -> None:
+        self._counts[(source, reason)] += 1
+        log.debug("skipping bad row from %s at %s: %s", source, location or "?", reason)
+
+    def count(self, source: str | None = None, reason: str | None = None) -> int:
+        return sum(
+            n
+            for (s, r), n in self._counts.items()
+            if (source is None or s == source) and (reason is None or r == reason)
+        )
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat ``{"source/reason": count}`` mapping, sorted by key (handy for loggers)."""
+        return {f"{s}/{r}": n for (s, r), n in sorted(self._counts.items())}
+
+    def log_summary(self, source: str | None = None) -> None:
+        """One WARNING line with the counts (of ``source`` only, if given); silent when nothing was skipped."""
+        items = {
+            f"{s}/{r}": n for (s, r), n in sorted(self._counts.items()) if source is None or s == source
+        }
+        if items:
+            log.warning("skipped %d bad rows: %s", sum(items.values()), items)
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.as_dict()})"
+
+
+def raise_or_count(
+    counter: SkipCounter | None, strict: bool, source: str, location: str, err: BadRow
+) -> None:
+    """Strict mode: raise ``ValueError`` naming source, location and reason. Otherwise count the skip."""
+    if strict:
+        raise ValueError(f"{source}: bad row at {location}: {err.reason}") from err
+    if counter is not None:
+        counter.add(source, err.reason, location)
+    else:
+        log.debug("skipping bad row from %s at %s: %s", source, location, err.reason)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answers
+
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def _canonical_number(s: str) -> str:
+    """Exact canonical decimal form of a string matching ``_NUMBER_RE`` (no float rounding)."""
+    sign = ""
+    if s[0] in "+-":
+        sign, s = ("-" if s[0] == "-" else ""), s[1:]
+    whole, _, frac = s.partition(".")
+    whole = whole.lstrip("0") or "0"
+    frac = frac.rstrip("0")
+    out = whole + ("." + frac if frac else "")
+    if out == "0":
+        return "0"  # "-0", "-0.0" -> "0"
+    return sign + out
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical final answer.
+
+    Numbers (after stripping whitespace, ``$``, a trailing ``.`` and thousands commas) come back in a
+    canonical decimal form: ``"1,000" -> "1000"``, ``"3.50" -> "3.5"``, ``"-0" -> "0"``,
+    ``"5.0" -> "5"``, ``"$18." -> "18"``. Anything else (ProsQA ``"Tom is a wumpus."``) comes back only
+    stripped of surrounding whitespace.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"answer must be a str, got {type(text).__name__}")
+    stripped = text.strip()
+    s = stripped.replace("$", "").strip()
+    while s.endswith("."):
+        s = s[:-1].rstrip()
+    if "," in s and re.fullmatch(r"[+-]?\d[\d,]*(?:\.\d*)?", s):
+        s = s.replace(",", "")  # thousands separators, GSM8K style (every comma between digits)
+    if s and _NUMBER_RE.fullmatch(s):
+        return _canonical_number(s)
+    return stripped
+
+
+def is_numeric_answer(text: str) -> bool:
+    """True when ``text`` is a canonical number as produced by :func:`normalize_answer`."""
+    return bool(text) and _NUMBER_RE.fullmatch(text) is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsers
+
+
+def _get_str(row: Any, key: str) -> str:
+    if not isinstance(row, dict):
+        raise BadRow("unparsable", f"row is a {type(row).__name__}, not an object")
+    if key not in row or row[key] is None:
+        raise BadRow("missing_field", key)
+    value = row[key]
+    if not isinstance(value, str):
+        raise BadRow("bad_type", f"{key} is a {type(value).__name__}")
+    return value
+
+
+def _question(row: Any) -> str:
+    q = _get_str(row, "question").strip()
+    if not q:
+        raise BadRow("empty_question")
+    return q
+
+
+def parse_gsm8k(row: dict, idx: int) -> Record:
+    """GSM8K row ``{question, answer}`` where ``answer`` is solution lines then ``#### N``.
+
+    Steps are the stripped non-empty lines before the ``####`` marker (calculator annotations
+    ``<<a*b=c>>`` kept as they are); the answer is the text after it, normalised, and must be numeric.
+    """
+    question = _question(row)
+    solution = _get_str(row, "answer")
+    body, sep, tail = solution.partition("####")
+    if not sep:
+        raise BadRow("no_answer", "no '####' marker")
+    if "####" in tail:
+        raise BadRow("unparsable", "several '####' markers")
+    answer = normalize_answer(tail)
+    if not answer:
+        raise BadRow("no_answer", "nothing after '####'")
+    if not is_numeric_answer(answer):
+        raise BadRow("non_numeric_answer", answer[:40])
+    steps = tuple(line.strip() for line in body.splitlines() if line.strip())
+    return Record(question=question, steps=steps, answer=answer, idx=idx)
+
+
+_EQUATION_RE = re.compile(r"<<[^<>]*>>")
+
+
+def parse_gsm8k_aug(line: str, idx: int) -> Record:
+    """GSM8K-Aug (iCoT) line ``question||<<a*b=c>> <<...>> #### N``.
+
+    Steps are the ``<<...>>`` equations (each kept with its brackets); anything else between ``||``
+    and ``####`` other than whitespace makes the line unparsable. The answer must be numeric.
+    """
+    if not isinstance(line, str):
+        raise BadRow("bad_type", f"line is a {type(line).__name__}")
+    line = line.strip("\r\n")
+    question, sep, rest = line.rpartition("||")
+    if not sep:
+        raise BadRow("unparsable", "no '||' separator")
+    question = question.strip()
+    if not question:
+        raise BadRow("empty_question")
+    body, sep, tail = rest.partition("####")
+    if not sep:
+        raise BadRow("no_answer", "no '####' marker")
+    if "####" in tail:
+        raise BadRow("unparsable", "several '####' markers")
+    steps = tuple(_EQUATION_RE.findall(body))
+    if _EQUATION_RE.sub("", body).strip():
+        raise BadRow("unparsable", "text outside <<...>> equations")
+    answer = normalize_answer(tail)
+    if not answer:
+        raise BadRow("no_answer", "nothing after '####'")
+    if not is_numeric_answer(answer):
+        raise BadRow("non_numeric_answer", answer[:40])
+    return Record(question=question, steps=steps, answer=answer, idx=idx)
+
+
+def parse_coconut_json(row: dict, idx: int) -> Record:
+    """Coconut JSON row ``{question, steps: [str], answer}`` (ProsQA, ProntoQA, Coconut's GSM8K).
+
+    Steps are kept verbatim except surrounding whitespace; an empty step is a bad row. The answer goes
+    through :func:`normalize_answer` (numbers canonical, text only stripped).
+    """
+    question = _question(row)
+    if "steps" not in row or row["steps"] is None:
+        raise BadRow("missing_field", "steps")
+    raw_steps = row["steps"]
+    if not isinstance(raw_steps, (list, tuple)):
+        raise BadRow("bad_type", f"steps is a {type(raw_steps).__name__}")
+    steps = []
+    for s in raw_steps:
+        if not isinstance(s, str):
+            raise BadRow("bad_type", f"step is a {type(s).__name__}")
+        if not s.strip():
+            raise BadRow("empty_step")
+        steps.append(s.strip())
+    answer = normalize_answer(_get_str(row, "answer"))
+    if not answer:
+        raise BadRow("no_answer")
+    return Record(question=question, steps=tuple(steps), answer=answer, idx=idx)

@@ -1,0 +1,212 @@
+"""The Coconut latent recurrence over any Hugging Face causal LM, KV-cached and batched.
+
+A continuous thought is the last-layer hidden state (after the final norm) at the previous position;
+every ``<|latent|>`` slot gets that vector as its input embedding instead of a token embedding.
+
+One forward runs in three kinds of pass over a shared ``DynamicCache``:
+
+1. the prefix, every column before the first latent slot of any row, in one pass;
+2. the latent window, one column per pass: a row whose column is a latent slot takes the hidden
+   state of its previous column, any other row takes its token embedding;
+3. the rest of the sequence in one pass.
+
+So a latent step computes one new position per row and never recomputes the prefix, and the whole
+batch (many prompts x K rollouts) goes through each pass together. Gradients flow through every
+thought and through the cache; nothing is detached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel
+
+from .perturb import POST_LATENT_STEP, Perturber, answer_uniforms
+
+
+@dataclass
+class LatentOutput:
+    logits: Tensor | None  # [N, T, V] (or the columns from ``logits_from`` on)
+    hidden: Tensor  # [N, T, D] last-layer hidden states, after the final norm
+    final_thought: Tensor | None  # [N, D] hidden state at each row's last latent slot (zeros if none)
+    cache: DynamicCache | None = None
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that restart at 0 after left padding (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class LatentLM(nn.Module):
+    """Coconut wrapper: ``lm`` is any HF causal LM with ``base_model`` and an output embedding.
+
+    ``feedback=False`` treats latent slots as ordinary (pause) tokens: the ``pause_as_thought`` baseline.
+    """
+
+    def __init__(self, lm: PreTrainedModel, latent_id: int, start_id: int, end_id: int, feedback: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.latent_id, self.start_id, self.end_id = int(latent_id), int(start_id), int(end_id)
+        self.feedback = feedback
+
+    # The base model's own dropout is never used by rollouts or replays (it would break replay), and
+    # Lightning restores submodule modes on its own: the mode of ``lm`` is set explicitly by the caller
+    # through :meth:`set_base_dropout`, never implicitly by ``.train()``.
+    def train(self, mode: bool = True) -> "LatentLM":
+        super().train(mode)
+        self.lm.train(mode and getattr(self, "_base_dropout", False))
+        return self
+
+    def set_base_dropout(self, on: bool) -> None:
+        """Use the base model's own dropout modules (supervised phases only) or keep them off."""
+        self._base_dropout = on
+        self.lm.train(on and self.training)
+
+    @property
+    def base(self) -> nn.Module:
+        return self.lm.base_model
+
+    def _run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache) -> Tensor:
+        out = self.base(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        )
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        perturber: Perturber | None = None,
+        answer_from: int | None = None,
+        logits_from: int = 0,
+        return_cache: bool = False,
+    ) -> LatentOutput:
+        """Run the recurrence. ``answer_from``: first answer column (scope ``latent`` leaves it unperturbed)."""
+        n, t = input_ids.shape
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        d = embeds.shape[-1]
+        pert = perturber if (perturber is not None and perturber.enabled) else None
+        is_lat = (input_ids == self.latent_id) if self.feedback else torch.zeros_like(input_ids, dtype=torch.bool)
+        cache = DynamicCache(config=self.lm.config)
+
+        ordinal = is_lat.long().cumsum(-1)  # latent ordinal (1-based) at and after each latent slot
+        cols = is_lat.any(0).nonzero().flatten()
+        if len(cols):
+            w0, w1 = int(cols.min()), int(cols.max()) + 1
+        else:
+            w0 = w1 = t
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+
+        def step_at(col: int) -> Tensor:
+            if col >= t:
+                return zeros
+            o = ordinal[:, col]
+            return torch.where(is_lat[:, col], o, torch.where(o > 0, torch.full_like(o, POST_LATENT_STEP), o))
+
+        def run_pass(c0: int, c1: int, step: Tensor, inp: Tensor) -> Tensor:
+            if pert is not None:
+                af = None if answer_from is None else answer_from - c0
+                pert.begin_pass(step, c1 - c0, af, d, dev, inp.dtype)
+                inp = pert.embed(inp)
+            return self._run(inp, attention_mask[:, :c1], position_ids[:, c0:c1], cache)
+
+        hiddens: list[Tensor] = []
+        final_thought = None
+        if w0 > 0:
+            hiddens.append(run_pass(0, w0, zeros, embeds[:, :w0]))
+        if w1 > w0:
+            final_thought = torch.zeros(n, d, dtype=embeds.dtype, device=dev)
+        for col in range(w0, w1):
+            prev = hiddens[-1][:, -1]  # hidden state of column col-1, every row
+            lat = is_lat[:, col]
+            step = step_at(col)
+            fed = prev if pert is None else pert.thought(prev, step)
+            inp = torch.where(lat[:, None], fed, embeds[:, col])[:, None]
+            h = run_pass(col, col + 1, step, inp)
+            hiddens.append(h)
+            final_thought = torch.where(lat[:, None], h[:, 0], final_thought)
+        if w1 < t:
+            # after the window every row is past its latents (POST) or has none (step 0)
+            step = torch.where(ordinal[:, -1] > 0, torch.full_like(zeros, POST_LATENT_STEP), zeros)
+            hiddens.append(run_pass(w1, t, step, embeds[:, w1:]))
+        hidden = torch.cat(hiddens, 1) if len(hiddens) > 1 else hiddens[0]
+        logits = self.lm.get_output_embeddings()(hidden[:, logits_from:]) if logits_from < t else None
+        return LatentOutput(logits, hidden, final_thought, cache if return_cache else None)
+
+
+@dataclass
+class Generation:
+    tokens: Tensor  # [N, L] generated ids, pad after each row's EOS
+    logprobs: Tensor  # [N, L] log-prob of each generated token under the sampling distribution
+    mask: Tensor  # [N, L] 1 on generated tokens (EOS included), 0 after
+    final_thought: Tensor | None  # [N, D]
+
+
+@torch.no_grad()
+def generate(
+    model: LatentLM,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 0.0,
+    seeds: Tensor | None = None,
+    perturber: Perturber | None = None,
+) -> Generation:
+    """Batched latent prompt + KV-cached answer decoding, per-row EOS.
+
+    Prompts must be left-padded (every row ends at the last column). ``temperature == 0`` is greedy;
+    otherwise row n samples with uniforms drawn from its own ``seeds[n]``, so its answer does not
+    depend on which rows share the batch. The perturber (if given) must already be active for
+    ``seeds`` (``with perturber.rows(seeds)``).
+    """
+    n, tp = input_ids.shape
+    dev = input_ids.device
+    if temperature > 0 and seeds is None:
+        raise ValueError("sampling (temperature > 0) needs one seed per row")
+    pos = positions_from_mask(attention_mask)
+    out = model(input_ids, attention_mask, pos, perturber=perturber, logits_from=tp - 1, return_cache=True)
+    cache = out.cache
+    logits = out.logits[:, -1].float()
+    pert = perturber if (perturber is not None and perturber.enabled) else None
+    has_lat = (input_ids == model.latent_id).any(1) & torch.tensor(model.feedback, device=dev)
+    step = torch.where(has_lat, POST_LATENT_STEP, 0).long()
+    next_pos = pos[:, -1] + 1
+    mask_all = attention_mask
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    toks, lps, msk = [], [], []
+    emb = model.lm.get_input_embeddings()
+    for t in range(max_new_tokens):
+        logp_all = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
+        if temperature > 0:
+            probs = logp_all.exp()
+            cdf = probs.cumsum(-1)
+            u = answer_uniforms(seeds.to(dev), t).to(cdf.dtype) * cdf[:, -1]
+            tok = torch.searchsorted(cdf, u[:, None]).clamp(max=logits.shape[-1] - 1)[:, 0]
+        else:
+            tok = logits.argmax(-1)
+        lp = logp_all.gather(1, tok[:, None])[:, 0]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        toks.append(tok)
+        lps.append(torch.where(done, torch.zeros_like(lp), lp))
+        msk.append((~done).long())
+        done = done | (tok == eos_id)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask_all = torch.cat([mask_all, torch.ones(n, 1, dtype=mask_all.dtype, device=dev)], 1)
+        x = emb(tok)[:, None]
+        if pert is not None:
+            pert.begin_pass(step, 1, 0, x.shape[-1], dev, x.dtype)
+            x = pert.embed(x)
+        h = model._run(x, mask_all, next_pos[:, None], cache)
+        logits = model.lm.get_output_embeddings()(h[:, -1]).float()
+        next_pos = next_pos + 1
+    return Generation(torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(msk, 1), out.final_thought)

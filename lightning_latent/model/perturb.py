@@ -1,0 +1,255 @@
+"""Perturbations that make the K rollouts of a prompt differ: the "mask sampler".
+
+Every random number here is a pure function of integers (a rollout's seed, the site, the layer, the
+latent step, the feature index) computed with an integer hash in plain int64 tensor ops. That is what
+makes replay exact: the mask of a rollout is rebuilt bit-identically for the rollout, the old policy,
+the current policy and the reference, on any device or rank, whatever other rows share the batch, and
+no global RNG state is read or changed.
+
+Arms (DESIGN.md section 2):
+
+- ``dropout_shared`` (the method): one Bernoulli feature mask per rollout and per site, values in
+  {0, 1/(1-p)}, reused at every position and every latent step of the rollout.
+- ``dropout_per_step``: a fresh mask for every latent step, drawn from (seed, step).
+- ``gaussian``: additive noise on each fed-back thought, ``noise_scale`` times the thought's RMS,
+  fresh per step.
+- ``temperature`` and ``none``: no perturbation (answers sampled, or greedy, by the rollout settings).
+
+Sites are forward hooks on what each block adds to the residual stream (``attn``, ``mlp``) so any
+Hugging Face causal LM has them, plus ``thought`` (the fed-back vector) and ``embed`` (input
+embeddings).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+ARMS = ("none", "temperature", "dropout_shared", "dropout_per_step", "gaussian", "sft_continue")
+SITES = ("attn", "mlp", "thought", "embed")
+SCOPES = ("latent", "all")
+
+#: The step index used for every position after a row's last latent thought (the end marker and the
+#: answer): a per-step arm then holds one "post-latent" mask for them.
+POST_LATENT_STEP = 1 << 20
+
+_M32 = 0xFFFFFFFF
+_SITE_IDS = {"attn": 11, "mlp": 13, "thought": 17, "embed": 19, "gauss": 23, "answer": 29}
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) without int64 overflow (c split into 16-bit halves)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit avalanche hash (lowbias32), exact on every device because it is integer-only."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    x = x ^ (x >> 15)
+    return x
+
+
+def hash_uniform(seeds: Tensor, keys: tuple[int | Tensor, ...], dim: int) -> Tensor:
+    """Uniform numbers in [0, 1), shape [N, dim], a pure function of (seed, keys, feature index).
+
+    ``seeds`` is [N] int64; each key is an int or an [N] int64 tensor (e.g. a per-row step).
+    """
+    x = seeds.to(torch.int64) & _M32
+    x = _mix32(x ^ ((seeds.to(torch.int64) >> 32) & _M32))
+    for k in keys:
+        k_t = k.to(torch.int64) if isinstance(k, Tensor) else torch.tensor(int(k), dtype=torch.int64)
+        x = _mix32(x ^ _mix32((k_t.to(x.device) + 0x9E3779B9) & _M32))
+    feat = _mix32(torch.arange(dim, device=seeds.device, dtype=torch.int64) * 2 + 1)
+    x = _mix32(x[:, None] ^ feat[None, :])
+    return (x.to(torch.float64) + 0.5) / 4294967296.0
+
+
+def hash_normal(seeds: Tensor, keys: tuple[int | Tensor, ...], dim: int) -> Tensor:
+    """Standard normal numbers [N, dim] from two hashed uniforms (Box-Muller), replayable."""
+    u1 = hash_uniform(seeds, keys + (1,), dim)
+    u2 = hash_uniform(seeds, keys + (2,), dim)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+
+
+@dataclass
+class PerturbConfig:
+    """What makes rollouts differ. ``p`` is the drop probability of the dropout arms."""
+
+    arm: Literal["none", "temperature", "dropout_shared", "dropout_per_step", "gaussian", "sft_continue"] = (
+        "dropout_shared"
+    )
+    p: float = 0.1
+    sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    scope: Literal["latent", "all"] = "latent"
+    noise_scale: float = 0.1  # gaussian arm: noise std relative to the thought's RMS
+
+    def validate(self) -> None:
+        """Fail at start-up with a message that names the bad value."""
+        if self.arm not in ARMS:
+            raise ValueError(f"perturb.arm={self.arm!r} is unknown; choose one of {ARMS}")
+        if not 0.0 <= self.p < 1.0:
+            raise ValueError(f"perturb.p={self.p} must be in [0, 1)")
+        for s in self.sites:
+            if s not in SITES:
+                raise ValueError(f"perturb.sites contains unknown site {s!r}; choose from {SITES}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"perturb.scope={self.scope!r} must be one of {SCOPES}")
+        if self.noise_scale < 0:
+            raise ValueError(f"perturb.noise_scale={self.noise_scale} must be >= 0")
+
+    @property
+    def is_dropout(self) -> bool:
+        return self.arm in ("dropout_shared", "dropout_per_step") and self.p > 0
+
+    @property
+    def active(self) -> bool:
+        return self.is_dropout or (self.arm == "gaussian" and self.noise_scale > 0)
+
+
+def residual_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The attention and MLP submodules of every block, found by name, for any HF causal LM.
+
+    GPT-2 blocks hold ``attn`` and ``mlp``; Llama, Qwen and Mistral hold ``self_attn`` and ``mlp``.
+    """
+    base = getattr(model, "base_model", model)
+    blocks = None
+    for name in ("h", "layers", "blocks"):
+        blocks = getattr(base, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            break
+    if blocks is None or not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} (looked for h/layers/blocks)")
+    out: dict[str, list[nn.Module]] = {"attn": [], "mlp": []}
+    for i, blk in enumerate(blocks):
+        attn = getattr(blk, "attn", None) or getattr(blk, "self_attn", None) or getattr(blk, "attention", None)
+        mlp = getattr(blk, "mlp", None) or getattr(blk, "feed_forward", None)
+        if attn is None or mlp is None:
+            raise ValueError(f"block {i} of {type(model).__name__} has no attention or MLP submodule to hook")
+        out["attn"].append(attn)
+        out["mlp"].append(mlp)
+    return out
+
+
+class Perturber:
+    """Holds the hooks; a rollout batch activates them with :meth:`rows` and per-pass state.
+
+    Usage (the latent LM does the pass calls)::
+
+        with perturber.rows(seeds):          # seeds: [N] int64, one per row
+            model(...)                       # each pass calls perturber.begin_pass(...)
+
+    Outside ``rows`` the hooks do nothing, so supervised training and greedy evaluation are untouched.
+    """
+
+    def __init__(self, model: nn.Module, cfg: PerturbConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self._seeds: Tensor | None = None
+        self._factors: dict[tuple[str, int], Tensor] = {}
+        self._handles = []
+        sites = residual_sites(model)  # also checks that the model has the hookable sites
+        self.n_layers = len(sites["attn"])
+        if cfg.active and cfg.is_dropout:
+            for site in ("attn", "mlp"):
+                if site in cfg.sites:
+                    for layer, mod in enumerate(sites[site]):
+                        self._handles.append(mod.register_forward_hook(self._make_hook(site, layer)))
+
+    # -- activation ---------------------------------------------------------------------------
+    class _Rows:
+        def __init__(self, outer: "Perturber", seeds: Tensor):
+            self.outer, self.seeds = outer, seeds
+
+        def __enter__(self):
+            self.outer._seeds = self.seeds
+            return self.outer
+
+        def __exit__(self, *exc):
+            self.outer._seeds = None
+            self.outer._factors = {}
+            return False
+
+    def rows(self, seeds: Tensor) -> "Perturber._Rows":
+        """Activate per-row perturbations for the rows whose rollout seeds are given."""
+        return Perturber._Rows(self, seeds.to(torch.int64))
+
+    @property
+    def enabled(self) -> bool:
+        return self._seeds is not None and self.cfg.active
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- masks --------------------------------------------------------------------------------
+    def mask(self, site: str, layer: int, step: Tensor, dim: int, device, dtype) -> Tensor:
+        """The [N, dim] dropout mask of one site for the active rows, values in {0, 1/(1-p)}."""
+        assert self._seeds is not None
+        seeds = self._seeds.to(device)
+        keys: tuple = (_SITE_IDS[site], layer)
+        if self.cfg.arm == "dropout_per_step":
+            keys = keys + (step.to(device),)
+        keep = hash_uniform(seeds, keys, dim) >= self.cfg.p
+        return keep.to(dtype) / (1.0 - self.cfg.p)
+
+    def begin_pass(self, step: Tensor, n_cols: int, answer_from: int | None, dim: int, device, dtype) -> None:
+        """Prepare the factors of one forward pass over ``n_cols`` columns.
+
+        ``step`` [N] is each row's latent step for this pass (constant within a pass by construction
+        of the latent LM). ``answer_from`` is the first column of the pass that belongs to the answer
+        (None: none does); with scope ``latent`` the answer columns are left unperturbed.
+        """
+        self._factors = {}
+        if not self.enabled or not self.cfg.is_dropout:
+            return
+        if answer_from is not None and answer_from <= 0 and self.cfg.scope == "latent":
+            return  # the whole pass is answer: off
+        for site in self.cfg.sites:
+            if site not in ("attn", "mlp", "embed"):
+                continue
+            for layer in range(self.n_layers if site != "embed" else 1):
+                m = self.mask(site, layer, step, dim, device, dtype)[:, None, :]  # [N, 1, D]
+                if answer_from is not None and answer_from < n_cols and self.cfg.scope == "latent":
+                    on = (torch.arange(n_cols, device=device) < answer_from)[None, :, None]
+                    m = torch.where(on, m, torch.ones((), device=device, dtype=dtype))
+                self._factors[(site, layer)] = m
+
+    def embed(self, x: Tensor) -> Tensor:
+        f = self._factors.get(("embed", 0))
+        return x if f is None else x * f
+
+    def thought(self, h: Tensor, step: Tensor) -> Tensor:
+        """Perturb fed-back thoughts h [N, D] at latent step ``step`` [N] (thought / gaussian sites)."""
+        if not self.enabled:
+            return h
+        seeds = self._seeds.to(h.device)
+        if self.cfg.arm == "gaussian":
+            z = hash_normal(seeds, (_SITE_IDS["gauss"], step.to(h.device)), h.shape[-1]).to(h.dtype)
+            rms = h.detach().pow(2).mean(-1, keepdim=True).sqrt()
+            return h + self.cfg.noise_scale * rms * z
+        if self.cfg.is_dropout and "thought" in self.cfg.sites:
+            return h * self.mask("thought", 0, step, h.shape[-1], h.device, h.dtype)
+        return h
+
+    def _make_hook(self, site: str, layer: int):
+        def hook(module, inputs, output):
+            f = self._factors.get((site, layer))
+            if f is None:
+                return output
+            if isinstance(output, tuple):
+                return (output[0] * f.to(output[0].dtype),) + tuple(output[1:])
+            return output * f.to(output.dtype)
+
+        return hook
+
+
+def answer_uniforms(seeds: Tensor, t: int) -> Tensor:
+    """One uniform per row for sampling answer token ``t``: a per-row generator in all but name."""
+    return hash_uniform(seeds, (_SITE_IDS["answer"], t), 1)[:, 0]
