@@ -1,0 +1,136 @@
+"""Callbacks: the environment record, phase-end evaluations with ``summary.json``, HParams metrics."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("lightning_latent")
+
+_PACKAGES = ("lightning-latent", "torch", "lightning", "transformers", "datasets", "tokenizers", "torchmetrics",
+             "optuna", "optuna-integration", "tensorboard", "jsonargparse", "numpy")
+
+
+def environment_record() -> dict:
+    """Package versions, git commit, CPU / GPU: what a reader needs to rerun a number."""
+    versions = {}
+    for p in _PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"packages": versions, "git_commit": commit, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class EnvironmentRecord(L.Callback):
+    """Writes ``env.json`` next to the run's ``config.yaml`` (rank 0)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and trainer.log_dir:
+            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(trainer.log_dir) / "env.json", "w") as f:
+                json.dump(environment_record(), f, indent=2)
+
+
+class PhaseSummary(L.Callback):
+    """At the end of every phase: greedy pass@1 (perturbation off) on validation and test, with the
+    evaluation size and a 95% interval; at the end of fit a table and ``summary.json``.
+
+    Selection never looks at test: the test numbers are only reported.
+    """
+
+    def __init__(self, splits: tuple[str, ...] = ("validation", "test")):
+        self.splits = splits
+        self.rows: list[dict] = []
+        self._t0 = time.perf_counter()
+        self._phase_t0 = self._t0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._t0 = self._phase_t0 = time.perf_counter()
+        self.rows = []
+        if getattr(pl_module, "step_count", 0) == 0 and self._want_start_eval(pl_module):
+            self._evaluate(trainer, pl_module, "start", stage_seg=pl_module.segments[0])
+
+    def _want_start_eval(self, pl_module) -> bool:
+        # A run that starts from given weights reports its starting point (e.g. the Coconut checkpoint).
+        return pl_module.hparams.get("init_from") is not None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seg = pl_module.segment
+        done_seg = None
+        for s in pl_module.segments:
+            if s.end == pl_module.step_count and s.last_of_phase and s.steps > 0:
+                done_seg = s
+        if done_seg is not None and pl_module.step_count > 0:
+            self._evaluate(trainer, pl_module, done_seg.name, stage_seg=done_seg)
+
+    def _evaluate(self, trainer, pl_module, name: str, stage_seg) -> None:
+        dm = trainer.datamodule
+        if dm is None:
+            return
+        was_training = pl_module.model.training
+        row = {"phase": name, "kind": stage_seg.kind, "stage": stage_seg.stage, "step": pl_module.step_count}
+        for split in self.splits:
+            recs = dm.eval_records(split)
+            correct = n = 0
+            bs = dm.eval_batch_size
+            for i in range(0, len(recs), bs):
+                chunk = recs[i:i + bs]
+                preds, _ = pl_module.answer(chunk, stage_seg.stage, stage_seg.kind == "cot")
+                from .rl.rewards import answers_equal
+
+                correct += sum(answers_equal(p, r.answer) for p, r in zip(preds, chunk))
+                n += len(chunk)
+            t = torch.tensor([float(correct), float(n)], device=pl_module.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(t)
+            correct, n = int(t[0]), int(t[1])
+            p = correct / max(n, 1)
+            key = "val" if split == "validation" else split
+            row[f"{key}_pass@1"] = p
+            row[f"{key}_n"] = n
+            row[f"{key}_ci95"] = 1.96 * math.sqrt(p * (1 - p) / max(n, 1))
+            pl_module.log(f"phase/{name}/{key}_pass@1", p)
+        now = time.perf_counter()
+        row["seconds"] = round(now - self._phase_t0, 2)
+        self._phase_t0 = now
+        self.rows.append(row)
+        pl_module.model.train(was_training)
+        if trainer.is_global_zero:
+            log.info("phase %s: %s", name, row)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not trainer.log_dir:
+            return
+        summary = {"phases": self.rows, "seconds": round(time.perf_counter() - self._t0, 2),
+                   "steps": pl_module.step_count, "skipped_rows": trainer.datamodule.skip_report()
+                   if trainer.datamodule is not None else {}}
+        path = Path(trainer.log_dir) / "summary.json"
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+        lines = [f"{'phase':<16}{'val pass@1':>12}{'test pass@1':>13}{'± 95%':>8}{'n test':>8}{'seconds':>9}"]
+        for r in self.rows:
+            lines.append(f"{r['phase']:<16}{r.get('val_pass@1', float('nan')):>12.3f}"
+                         f"{r.get('test_pass@1', float('nan')):>13.3f}{r.get('test_ci95', float('nan')):>8.3f}"
+                         f"{r.get('test_n', 0):>8d}{r['seconds']:>9.1f}")
+        lines.append(f"total {summary['seconds']:.1f} s; summary: {path}")
+        print("\n".join(lines), flush=True)

@@ -1,0 +1,78 @@
+"""The command line: ``python experiments/run.py fit|validate|test|predict [--config FILE ...]``.
+
+A thin :class:`~lightning.pytorch.cli.LightningCLI`: with no config it runs the embedded default (the
+synthetic task, a small GPT-2 trained from scratch on CPU, every phase). Each run logs to its own
+TensorBoard version directory, where the CLI saves ``config.yaml`` and :class:`EnvironmentRecord`
+saves ``env.json``; checkpoints go to ``<version dir>/checkpoints`` (``last.ckpt`` for resuming).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import EnvironmentRecord, PhaseSummary
+from .data.datamodule import LatentDataModule
+from .module import LatentReasoner
+
+TRAINER_DEFAULTS = {
+    "max_epochs": -1,  # the schedule decides when a fit ends
+    "reload_dataloaders_every_n_epochs": 1,  # one loader per schedule segment
+    "check_val_every_n_epoch": None,
+    "val_check_interval": 200,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 10,
+    "accelerator": "auto",
+    "devices": 1,
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+               "init_args": {"save_dir": "logs", "name": "default", "default_hp_metric": False}},
+}
+
+
+class LatentCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100,
+                             "checkpoint.save_top_k": 0, "checkpoint.filename": "step{step}"})
+        parser.link_arguments("data.synthetic", "model.synthetic", apply_on="instantiate")
+        parser.link_arguments("data.seed", "model.seed", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config, callbacks):
+        # Always on: the environment record and the phase-end summary (not optional, unlike checkpoint.*).
+        return super()._instantiate_trainer(config, [*callbacks, EnvironmentRecord(), PhaseSummary()])
+
+    def after_predict(self) -> None:
+        self._write_predictions()
+
+    def after_test(self) -> None:
+        self._write_predictions()
+
+    def _write_predictions(self) -> None:
+        """Per-example predictions (JSONL) next to the run's logs."""
+        trainer, module = self.trainer, self.model
+        rows = module.predictions
+        if self.subcommand == "predict" and self.trainer.predict_loop.predictions:
+            rows = [r for batch in trainer.predict_loop.predictions for r in batch]
+        if trainer.is_global_zero and trainer.log_dir and rows:
+            path = Path(trainer.log_dir) / f"predictions_{self.subcommand}.jsonl"
+            with open(path, "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+            print(f"predictions: {path}")
+
+
+def main(args=None) -> LatentCLI:
+    torch.set_float32_matmul_precision("high")
+    return LatentCLI(
+        LatentReasoner,
+        LatentDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": False},
+        parser_kwargs={"default_env": False},
+        args=args,
+    )

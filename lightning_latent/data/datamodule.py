@@ -1,0 +1,162 @@
+"""LightningDataModule: streams records; batches are plain lists of :class:`Record`.
+
+The module (not the data) decides what a batch becomes (a curriculum example at stage k, or GRPO
+prompts), so one stream serves every phase. What the training loader yields is planned by the module:
+``(records per rank per step, number of steps, records already consumed on this rank)``; each Lightning
+"epoch" is the rest of one schedule segment and the loader is rebuilt for the next
+(``reload_dataloaders_every_n_epochs=1``). Because a position in the stream is a pure function of the
+module's step counter, a resumed run continues at the next unseen record, and every rank yields exactly
+the same number of batches (finite sources are cycled, epoch by epoch), so no rank hangs at epoch end.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Iterator, Literal
+
+import lightning as L
+from datasets import IterableDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import IterableDataset as TorchIterable
+
+from .records import Record
+from .sources import (
+    SKIPS,
+    coconut_json_source,
+    gsm8k_aug_source,
+    gsm8k_source,
+    row_to_record,
+    split_for_rank,
+    synthetic_source,
+)
+from .synthetic import SyntheticConfig
+
+log = logging.getLogger("lightning_latent.data")
+
+Task = Literal["synthetic", "gsm8k", "gsm8k_aug", "coconut_json"]
+
+
+class _PlannedBatches(TorchIterable):
+    """``n_batches`` lists of ``batch_size`` records, starting after ``offset`` records, cycling the
+    source (with ``set_epoch`` for shuffled sources) so the count is exact on every rank."""
+
+    def __init__(self, ds: IterableDataset, batch_size: int, n_batches: int, offset: int):
+        self.ds, self.batch_size, self.n_batches, self.offset = ds, batch_size, n_batches, offset
+
+    def _records(self) -> Iterator[Record]:
+        epoch = 0
+        while True:
+            self.ds.set_epoch(epoch)
+            n = 0
+            for row in self.ds:
+                n += 1
+                yield row_to_record(row)
+            if n == 0:
+                raise ValueError("the training split yielded no usable rows (all skipped or empty)")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[list[Record]]:
+        it = self._records()
+        for _ in range(self.offset):
+            next(it)
+        for _ in range(self.n_batches):
+            yield [next(it) for _ in range(self.batch_size)]
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Train / validation / test records for one task.
+
+    Args:
+        task: ``synthetic`` (built in, endless), ``gsm8k`` (hub ``openai/gsm8k`` or local JSONL),
+            ``gsm8k_aug`` (``question||<<...>> #### N`` lines) or ``coconut_json`` (ProsQA / ProntoQA).
+        path: local file or folder for the file-backed tasks (gsm8k: none means the hub).
+        hub_name: hub id, or a local folder laid out like the hub dataset.
+        val_size: GSM8K validation = the last ``val_size`` rows of train (a fixed held-out slice).
+        val_limit / test_limit: evaluate on the first N rows only (None: the whole split).
+        shuffle_buffer: shuffle buffer for file-backed training streams (0: source order).
+        strict: raise on the first bad row instead of counting and skipping it.
+    """
+
+    def __init__(
+        self,
+        task: Task = "synthetic",
+        path: str | None = None,
+        hub_name: str = "openai/gsm8k",
+        val_size: int = 500,
+        synthetic: SyntheticConfig = SyntheticConfig(),
+        val_limit: int | None = 300,
+        test_limit: int | None = 500,
+        eval_batch_size: int = 64,
+        shuffle_buffer: int = 10_000,
+        seed: int = 0,
+        strict: bool = False,
+    ):
+        super().__init__()
+        if task not in ("synthetic", "gsm8k", "gsm8k_aug", "coconut_json"):
+            raise ValueError(f"data.task={task!r} is unknown; choose synthetic, gsm8k, gsm8k_aug or coconut_json")
+        if task in ("gsm8k_aug", "coconut_json") and path is None:
+            raise ValueError(f"data.task={task!r} needs data.path (a file or folder)")
+        if eval_batch_size < 1:
+            raise ValueError(f"data.eval_batch_size={eval_batch_size} must be >= 1")
+        self.task, self.path, self.hub_name, self.val_size = task, path, hub_name, val_size
+        self.synthetic = synthetic
+        self.val_limit, self.test_limit, self.eval_batch_size = val_limit, test_limit, eval_batch_size
+        self.shuffle_buffer, self.seed, self.strict = shuffle_buffer, seed, strict
+        self.skips = SKIPS
+
+    # -- sources ------------------------------------------------------------------------------------
+    def source(self, split: str) -> IterableDataset:
+        if self.task == "synthetic":
+            size = self.val_limit if split == "validation" else self.test_limit if split == "test" else None
+            return synthetic_source(split, self.synthetic, size=size)
+        if self.task == "gsm8k":
+            ds = gsm8k_source(split, path=self.path, hub_name=self.hub_name, val_size=self.val_size, strict=self.strict)
+        elif self.task == "gsm8k_aug":
+            ds = gsm8k_aug_source(split, self.path, strict=self.strict)
+        else:
+            ds = coconut_json_source(split, self.path, strict=self.strict)
+        if split == "train" and self.shuffle_buffer > 0:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        limit = self.val_limit if split == "validation" else self.test_limit if split == "test" else None
+        return ds.take(limit) if limit is not None else ds
+
+    def _rank(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def setup(self, stage: str | None = None) -> None:
+        # Build the sources once so a missing file or a bad path fails here, before any training.
+        splits = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
+                  "predict": ("test",)}.get(stage or "fit", ("train", "validation", "test"))
+        for s in splits:
+            self.source(s)
+
+    # -- loaders ------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module
+        batch_size, n_batches, offset = module.data_plan()
+        rank, world = self._rank()
+        ds = split_for_rank(self.source("train"), rank, world)
+        return DataLoader(_PlannedBatches(ds, batch_size, n_batches, offset), batch_size=None)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        rank, world = self._rank()
+        ds = split_for_rank(self.source(split), rank, world).map(lambda r: r)  # keep rows as dicts
+        return DataLoader(ds, batch_size=self.eval_batch_size, collate_fn=lambda rows: [row_to_record(r) for r in rows])
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def eval_records(self, split: str) -> list[Record]:
+        """All records of an evaluation split (this rank's share), for phase-end evaluations."""
+        rank, world = self._rank()
+        return [row_to_record(r) for r in split_for_rank(self.source(split), rank, world)]
+
+    def skip_report(self) -> dict[str, int]:
+        return self.skips.as_dict()

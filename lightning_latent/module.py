@@ -1,0 +1,543 @@
+"""The LightningModule: one schedule of phases (CoT, the latent curriculum, Dropout-GRPO).
+
+The maths lives elsewhere (layout, latent LM, perturbations, GRPO loss, metrics); this file is glue:
+which segment of the schedule a step belongs to, one step function per kind of phase, logging,
+checkpoint state. Optimisation is manual because a GRPO step makes ``mu`` optimiser steps on one
+rollout batch; every backward's gradients are all-reduced explicitly (DDP's own hook would sync only
+the first one, DESIGN.md section 5).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data.layout import IGNORE, CurriculumConfig, Layout, collate_prompts, collate_train
+from .data.records import BadRow, Record
+from .data.synthetic import SyntheticConfig
+from .metrics import ExactMatchAccuracy, MajorityAtK, PassAtK
+from .model.build import (
+    ModelConfig,
+    build_model,
+    build_tokenizer,
+    init_state_dict,
+    load_weights,
+    tokenizer_from_bytes,
+    tokenizer_to_bytes,
+)
+from .model.latent_lm import LatentLM, generate
+from .model.perturb import PerturbConfig, Perturber
+from .rl.grpo import group_advantages, group_stats, grpo_loss, select_mixed_groups
+from .rl.rewards import answer_key, extract_answer, get_reward
+from .rl.rollout import RolloutBatch, replay_logprobs, rollout, rollout_seed
+from .schedule import Phase, Segment, flatten, locate
+
+log = logging.getLogger("lightning_latent")
+
+
+@dataclass
+class GRPOConfig:
+    """Dropout-GRPO settings (DESIGN.md sections 1-2). ``answer_temperature=0`` means greedy answers."""
+
+    group_size: int = 8
+    answer_temperature: float = 1.0
+    max_new_tokens: int = 16
+    advantage: Literal["mean", "std", "none"] = "mean"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    beta: float = 0.0
+    kl_clamp: float = 10.0
+    reference_perturbed: bool = True
+    mu: int = 1
+    dynamic_sampling: bool = False
+    max_groups: int | None = None  # with dynamic sampling: keep at most this many mixed groups per rank
+    trainable: str | None = None  # regex over parameter names; None: all (e.g. "attn\\.c_attn" for W_QKV)
+    reward: str = "exact_match"
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"grpo.group_size={self.group_size}: GRPO needs K >= 2 rollouts per prompt")
+        if self.beta < 0:
+            raise ValueError(f"grpo.beta={self.beta} must be >= 0")
+        if self.mu < 1:
+            raise ValueError(f"grpo.mu={self.mu} must be >= 1")
+        if self.answer_temperature < 0:
+            raise ValueError(f"grpo.answer_temperature={self.answer_temperature} must be >= 0 (0 = greedy)")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ValueError(f"grpo.epsilon={self.epsilon} / epsilon_high={self.epsilon_high} must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"grpo.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.advantage not in ("mean", "std", "none"):
+            raise ValueError(f"grpo.advantage={self.advantage!r} must be mean, std or none")
+        if self.aggregation not in ("grpo", "dr_grpo", "dapo"):
+            raise ValueError(f"grpo.aggregation={self.aggregation!r} must be grpo, dr_grpo or dapo")
+        if self.trainable is not None:
+            re.compile(self.trainable)
+        get_reward(self.reward)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # supervised phases
+    grpo_lr: float = 1e-4
+    weight_decay: float = 0.01
+    grpo_weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    max_bad_steps: int = 5  # consecutive non-finite losses / gradients before the run stops
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: greedy pass@1 with the perturbation off, plus pass@k / maj@k over ``k`` perturbed
+    rollouts when ``k > 1``."""
+
+    max_new_tokens: int = 48
+    k: int = 0
+
+
+def default_schedule() -> list[Phase]:
+    return [Phase("cot", steps=600), Phase("coconut", steps=250), Phase("grpo", steps=200, name="dropout_grpo")]
+
+
+class LatentReasoner(L.LightningModule):
+    """Coconut model + mask sampler + GRPO loss, trained through a schedule of phases.
+
+    Args:
+        model: the base LM (GPT-2 from scratch by default, or any HF causal LM).
+        curriculum: the Coconut curriculum (c, max latent stage, baselines).
+        schedule: the phases to run, in order.
+        perturb: the rollout perturbation (arm, p, sites, scope).
+        grpo: GRPO settings.
+        optim: optimiser settings.
+        evaluation: evaluation settings.
+        batch_size: records per step on each rank in supervised phases (phases may override).
+        grpo_prompts: prompts per step on each rank in GRPO phases (phases may override).
+        max_length: longest training example (longer ones are skipped and counted).
+        init_from: start from these weights: a lightning-latent ``.ckpt``, a reference Coconut ``.pt``
+            (``base_causallm.*``) or an HF folder / hub id.
+        synthetic: synthetic-task settings (fix the word-level tokenizer's vocabulary).
+        seed: the run's seed (rollout seeds and curriculum sampling derive from it).
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig = ModelConfig(),
+        curriculum: CurriculumConfig = CurriculumConfig(c_thought=1, max_latent_stage=2),
+        schedule: list[Phase] | None = None,
+        perturb: PerturbConfig = PerturbConfig(),
+        grpo: GRPOConfig = GRPOConfig(),
+        optim: OptimConfig = OptimConfig(),
+        evaluation: EvalConfig = EvalConfig(),
+        batch_size: int = 64,
+        grpo_prompts: int = 16,
+        max_length: int = 256,
+        init_from: str | None = None,
+        synthetic: SyntheticConfig = SyntheticConfig(),
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        schedule = default_schedule() if schedule is None else schedule
+        curriculum.validate()
+        perturb.validate()
+        grpo.validate()
+        if batch_size < 1 or grpo_prompts < 1:
+            raise ValueError(f"batch_size={batch_size} and grpo_prompts={grpo_prompts} must be >= 1")
+        self.mcfg, self.cur, self.pcfg, self.gcfg = model, curriculum, perturb, grpo
+        self.ocfg, self.ecfg, self.seed = optim, evaluation, seed
+        self.segments = flatten(schedule, curriculum.max_latent_stage, {"sft": batch_size, "grpo": grpo_prompts},
+                                {"sft": optim.lr, "grpo": optim.grpo_lr})
+        self.total_steps = self.segments[-1].end
+
+        init_sd, tok_bytes = (None, None)
+        if init_from is not None:
+            init_sd, tok_bytes = init_state_dict(init_from)
+        self.tokenizer = tokenizer_from_bytes(tok_bytes) if tok_bytes else build_tokenizer(model, synthetic)
+        lm, _ = build_model(model, self.tokenizer)
+        if init_sd is not None:
+            load_weights(lm, init_sd, init_from)
+        self.layout = Layout(self.tokenizer, curriculum, max_length)
+        feedback = curriculum.mode != "pause_as_thought"
+        self.model = LatentLM(lm, self.layout.latent_id, self.layout.start_id, self.layout.end_id, feedback)
+        self.perturber = Perturber(lm, perturb)
+        self.reward_fn = get_reward(grpo.reward)
+        self._ref: LatentLM | None = None  # frozen GRPO reference: not a submodule, not in the optimiser
+        self._ref_state: dict | None = None
+        self.step_count = 0  # completed schedule steps (what resume restores)
+        self.bad_steps = 0
+        self.val_acc = ExactMatchAccuracy()
+        self.test_acc = ExactMatchAccuracy()
+        self.eval_pass = PassAtK(evaluation.k) if evaluation.k > 1 else None
+        self.eval_maj = MajorityAtK(evaluation.k) if evaluation.k > 1 else None
+        self.automatic_optimization = False
+        self._t_rollout = self._t_update = 0.0
+        self.predictions: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.fast_dev_run:
+            # One batch of every phase (every segment): shrink each segment to one step and let the
+            # fit loop run one epoch per segment.
+            k = 0
+            for s in self.segments:
+                s.start, s.steps = k, (1 if s.steps > 0 else 0)
+                k += s.steps
+            self.total_steps = k
+            self.trainer.fit_loop.max_epochs = len(self.segments)
+            self.trainer.fit_loop.epoch_loop.max_steps = -1
+        if self._ref is not None:
+            self._ref.to(self.device)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # lists of Records: the steps build tensors and move them themselves
+
+    def on_train_start(self) -> None:
+        if self.step_count >= self.total_steps:
+            log.warning("the schedule is already complete (%d steps): nothing to train", self.total_steps)
+            self.trainer.should_stop = True
+
+    def on_train_epoch_end(self) -> None:
+        if self.step_count >= self.total_steps:
+            self.trainer.should_stop = True
+
+    # -- where are we ----------------------------------------------------------------------------------
+    @property
+    def segment(self) -> Segment:
+        return locate(self.segments, self.step_count)
+
+    def data_plan(self) -> tuple[int, int, int]:
+        """(records per step on this rank, steps left in this segment, records this rank consumed)."""
+        seg = self.segment
+        offset = sum(s.steps * s.batch_size for s in self.segments if s.end <= self.step_count)
+        offset += (self.step_count - seg.start) * seg.batch_size
+        left = max(seg.end - self.step_count, 0)
+        return seg.batch_size, left, offset
+
+    def eval_stage(self) -> tuple[int, bool]:
+        seg = self.segment
+        return seg.stage, seg.kind == "cot"
+
+    # -- optimiser -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.ocfg.lr, weight_decay=self.ocfg.weight_decay,
+                                 betas=self.ocfg.betas)
+
+    def _enter_segment(self, seg: Segment, opt) -> None:
+        """Set lr / weight decay / trainable params for the segment; reset the optimiser at its start."""
+        is_grpo = seg.kind == "grpo"
+        for g in opt.param_groups:
+            g["lr"] = seg.lr
+            g["weight_decay"] = self.ocfg.grpo_weight_decay if is_grpo else self.ocfg.weight_decay
+        pattern = re.compile(self.gcfg.trainable) if (is_grpo and self.gcfg.trainable) else None
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(pattern is None or bool(pattern.search(name)))
+        # Base dropout is for supervised phases only; rollouts and replays must be deterministic.
+        self.model.set_base_dropout(not is_grpo and self.mcfg.dropout > 0)
+        if self.step_count == seg.start:
+            opt.optimizer.state.clear() if hasattr(opt, "optimizer") else opt.state.clear()
+            if is_grpo and seg.first_of_phase:
+                self._ref_state = None
+        if is_grpo and self.gcfg.beta > 0 and self._ref is None:
+            self._make_reference()
+
+    def _make_reference(self) -> None:
+        ref = copy.deepcopy(self.model)
+        if self._ref_state is not None:
+            ref.load_state_dict(self._ref_state)
+        else:
+            self._ref_state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        self._ref = ref
+        self._ref_perturber = Perturber(ref.lm, self.pcfg)
+
+    # -- distributed helpers -------------------------------------------------------------------------------
+    @property
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _all_sum(self, t: Tensor) -> Tensor:
+        if self._distributed:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def _sync_grads(self) -> None:
+        """Average gradients over ranks after every backward (each GRPO inner iteration included)."""
+        if not self._distributed:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        i = 0
+        for g in grads:
+            g.copy_(flat[i:i + g.numel()].view_as(g))
+            i += g.numel()
+
+    def _no_ddp_sync(self) -> None:
+        # Lightning calls training_step through the DDP wrapper; gradients are synced by _sync_grads.
+        m = getattr(self.trainer.strategy, "model", None) if self._trainer is not None else None
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            m.require_backward_grad_sync = False
+
+    def _optimizer_step(self, opt, loss: Tensor, ids: Any) -> tuple[bool, float]:
+        """Backward, sync, clip, step; a non-finite loss or gradient skips the update (counted)."""
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._sync_grads()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        gn = torch.nn.utils.clip_grad_norm_(params, self.ocfg.grad_clip) if params else torch.zeros(())
+        if not (torch.isfinite(loss.detach()) and torch.isfinite(gn)):
+            self.bad_steps += 1
+            self.log("train/nonfinite_skips", float(self.bad_steps))
+            log.warning("non-finite loss or gradient at step %d (batch %s): update skipped (%d in a row)",
+                        self.step_count, ids, self.bad_steps)
+            opt.zero_grad(set_to_none=True)
+            if self.bad_steps > self.ocfg.max_bad_steps:
+                self.trainer.should_stop = True
+                raise RuntimeError(f"{self.bad_steps} non-finite steps in a row (limit optim.max_bad_steps="
+                                   f"{self.ocfg.max_bad_steps}); the last checkpoint holds the state before them")
+            return False, float("nan")
+        self.bad_steps = 0
+        opt.step()
+        return True, float(gn)
+
+    # -- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: list[Record], batch_idx: int) -> None:
+        if self.step_count >= self.total_steps:
+            self.trainer.should_stop = True
+            return None
+        self._no_ddp_sync()
+        seg = self.segment
+        opt = self.optimizers()
+        self._enter_segment(seg, opt)
+        if seg.kind == "grpo":
+            self._grpo_step(batch, seg, opt)
+        else:
+            self._sft_step(batch, seg, opt)
+        self.step_count += 1
+        self.log("train/stage", float(seg.stage))
+        self.log("train/phase_index", float(seg.phase_index))
+        if self.step_count >= self.total_steps:
+            self.trainer.should_stop = True
+        return None
+
+    def _sft_step(self, records: list[Record], seg: Segment, opt) -> None:
+        rng = random.Random(f"{self.seed}/{self.step_count}/{self.global_rank}")
+        feats = []
+        for r in records:
+            try:
+                feats.append(self.layout.train_example(r, seg.stage, cot=seg.kind == "cot", rng=rng))
+            except BadRow as err:
+                self.trainer.datamodule.skips.add("layout", err.reason, f"record {r.idx}") if self._dm() else None
+        if not feats:
+            raise ValueError(f"every record of step {self.step_count} was longer than max_length="
+                             f"{self.layout.max_length}: raise max_length or shorten the data")
+        b = collate_train(feats, self.layout.pad_id, self.layout.latent_id)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        self.model.train()
+        out = self.model(b["input_ids"], b["attention_mask"], b["position_ids"])
+        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE)
+        ok, gn = self._optimizer_step(opt, loss, b["idx"].tolist()[:8])
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log(f"train/{seg.name}/loss", loss.detach())
+        if ok:
+            self.log("train/grad_norm", gn)
+
+    def _dm(self):
+        return getattr(self.trainer, "datamodule", None)
+
+    def _seeds(self, records: list[Record]) -> Tensor:
+        k = self.gcfg.group_size
+        return torch.tensor([rollout_seed(self.seed, self.step_count, r.idx, j) for r in records for j in range(k)],
+                            dtype=torch.long)
+
+    @property
+    def rollout_temperature(self) -> float:
+        return 0.0 if self.pcfg.arm == "none" else self.gcfg.answer_temperature
+
+    def _grpo_step(self, records: list[Record], seg: Segment, opt) -> None:
+        g = self.gcfg
+        k = g.group_size
+        t0 = time.perf_counter()
+        self.model.eval()
+        rb = rollout(self.model, self.perturber, self.layout, records, seg.stage, self._seeds(records), k,
+                     self.rollout_temperature, g.max_new_tokens, self.reward_fn, self.tokenizer)
+        t1 = time.perf_counter()
+        self._log_rollout_stats(rb, n_rows=len(records) * k, seconds=t1 - t0)
+        keep = select_mixed_groups(rb.rewards) if g.dynamic_sampling else torch.ones(len(records), dtype=torch.bool)
+        if g.dynamic_sampling and g.max_groups is not None:
+            keep &= keep.cumsum(0) <= g.max_groups
+        n_local = int(keep.sum())
+        n_global = int(self._all_sum(torch.tensor(float(n_local), device=self.device)).item())
+        self.log("grpo/groups_kept", float(n_global))
+        if n_global == 0:  # decided on all ranks together: no rank updates
+            self.log("grpo/skipped_updates", 1.0)
+            return
+        # Ranks may keep different numbers of groups; scaling by local/global share makes the
+        # rank-averaged gradient equal the gradient of the global batch.
+        world = dist.get_world_size() if self._distributed else 1
+        weight = (n_local / n_global) * world
+        sub = rb.select_groups(keep) if n_local > 0 else rb.select_groups(torch.arange(len(records)) == 0)
+        adv = group_advantages(sub.rewards, g.advantage).flatten().to(self.device)
+        mask = sub.mask.float()
+        ref_logp = None
+        if g.beta > 0:
+            with torch.no_grad():
+                ref_logp, _ = replay_logprobs(self._ref, self._ref_perturber if g.reference_perturbed else None,
+                                              sub, self.rollout_temperature)
+        self.model.train()
+        for it in range(g.mu):
+            logp, ent = replay_logprobs(self.model, self.perturber, sub, self.rollout_temperature,
+                                        with_entropy=it == 0)
+            loss, st = grpo_loss(logp, sub.logprobs, adv, mask, ref_logp, g.beta, g.epsilon, g.epsilon_high,
+                                 g.aggregation, max_tokens=g.max_new_tokens, kl_clamp=g.kl_clamp)
+            loss = loss * (weight if n_local > 0 else 0.0)
+            if it == 0:
+                gap = ((logp.detach() - sub.logprobs).abs() * mask).max() if mask.sum() > 0 else torch.zeros(())
+                self.log("grpo/replay_gap", gap)
+                self.log("grpo/entropy", (ent * mask).sum() / mask.sum().clamp(min=1))
+                for name in ("kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "pg_loss", "kl_clamped"):
+                    self.log(f"grpo/{name}", st[name])
+            ok, gn = self._optimizer_step(opt, loss, [r.idx for r in records][:8])
+            if ok:
+                self.log("grpo/grad_norm", gn)
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        t2 = time.perf_counter()
+        self._t_rollout += t1 - t0
+        self._t_update += t2 - t1
+        self.log("perf/rollout_share", (t1 - t0) / max(t2 - t0, 1e-9))
+
+    def _log_rollout_stats(self, rb: RolloutBatch, n_rows: int, seconds: float) -> None:
+        st = group_stats(rb.rewards)
+        k = rb.group_size
+        keys = [answer_key(a) for a in rb.answers]
+        distinct = [len({keys[b * k + j] for j in range(k)}) for b in range(rb.rewards.shape[0])]
+        vals = {f"grpo/{n}": float(st[n]) for n in ("reward_mean", "reward_std", "frac_zero_std",
+                                                    "frac_all_correct", "frac_all_wrong", "frac_mixed")}
+        vals["grpo/distinct_answers"] = sum(distinct) / len(distinct)
+        if rb.final_thought is not None:
+            th = rb.final_thought.float().view(-1, k, rb.final_thought.shape[-1])
+            d = torch.cdist(th, th)
+            vals["grpo/thought_diversity"] = float(d.sum() / (th.shape[0] * k * (k - 1)))
+        vals["perf/rollouts_per_s"] = n_rows / max(seconds, 1e-9)
+        if self._distributed:  # average the group statistics over ranks
+            t = self._all_sum(torch.tensor(list(vals.values()), device=self.device)) / dist.get_world_size()
+            vals = dict(zip(vals, t.tolist()))
+            vals["perf/rollouts_per_s"] *= dist.get_world_size()
+        self.log_dict(vals)
+        self.log("reward", vals["grpo/reward_mean"], prog_bar=True)
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(self, records: list[Record], stage: int, cot: bool) -> tuple[list[str | None], list[str]]:
+        """Greedy answers with the perturbation off: the headline pass@1."""
+        self.model.eval()
+        pb = collate_prompts([self.layout.prompt(r, stage, cot) for r in records], self.layout.pad_id)
+        gen = generate(self.model, pb["input_ids"].to(self.device), pb["attention_mask"].to(self.device),
+                       self.ecfg.max_new_tokens, self.layout.eos_id, self.layout.pad_id)
+        texts = self.tokenizer.batch_decode([t[: int(m.sum())] for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())])
+        return [extract_answer(t) for t in texts], texts
+
+    @torch.no_grad()
+    def sample_answers(self, records: list[Record], stage: int, k: int) -> list[list[str | None]]:
+        """k perturbed, sampled rollouts per record (pass@k / maj@k), seeds independent of training."""
+        seeds = torch.tensor([rollout_seed(self.seed + 7919, -1, r.idx, j) for r in records for j in range(k)])
+        temp = self.rollout_temperature
+        rb = rollout(self.model, self.perturber, self.layout, records, stage, seeds, k, temp,
+                     self.ecfg.max_new_tokens, self.reward_fn, self.tokenizer)
+        return [rb.answers[i * k:(i + 1) * k] for i in range(len(records))]
+
+    def _eval_batch(self, records: list[Record], acc: ExactMatchAccuracy, prefix: str) -> None:
+        stage, cot = self.eval_stage()
+        preds, texts = self.answer(records, stage, cot)
+        golds = [r.answer for r in records]
+        acc.update(preds, golds)
+        samples = None
+        if self.eval_pass is not None:
+            samples = self.sample_answers(records, stage, self.ecfg.k)
+            from .rl.rewards import answers_equal
+
+            correct = torch.tensor([[answers_equal(a, g) for a in s] for s, g in zip(samples, golds)])
+            self.eval_pass.update(correct)
+            self.eval_maj.update(samples, golds)
+        if prefix == "test":
+            from .rl.rewards import answers_equal
+
+            for i, r in enumerate(records):
+                row = {"idx": r.idx, "question": r.question, "gold": r.answer, "prediction": preds[i],
+                       "correct": answers_equal(preds[i], r.answer), "text": texts[i]}
+                if samples is not None:
+                    row["samples"] = samples[i]
+                self.predictions.append(row)
+
+    def validation_step(self, batch: list[Record], batch_idx: int) -> None:
+        self._eval_batch(batch, self.val_acc, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_acc)
+
+    def test_step(self, batch: list[Record], batch_idx: int) -> None:
+        self._eval_batch(batch, self.test_acc, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_acc)
+
+    def _log_eval(self, prefix: str, acc: ExactMatchAccuracy) -> None:
+        value = acc.compute()
+        with acc.sync_context():
+            n = int(acc.n)
+        seg = self.segment
+        self.log(f"{prefix}/pass@1", value, sync_dist=False, prog_bar=True)
+        self.log(f"{prefix}/{seg.name}/pass@1", value, sync_dist=False)
+        self.log(f"{prefix}/n", float(n), sync_dist=False)
+        self.log(f"{prefix}/se", math.sqrt(max(float(value) * (1 - float(value)), 0.0) / max(n, 1)))
+        acc.reset()
+        if self.eval_pass is not None:
+            self.log(f"{prefix}/pass@{self.ecfg.k}", self.eval_pass.compute())
+            self.log(f"{prefix}/maj@{self.ecfg.k}", self.eval_maj.compute())
+            self.eval_pass.reset()
+            self.eval_maj.reset()
+
+    def predict_step(self, batch: list[Record], batch_idx: int) -> list[dict]:
+        stage, cot = self.eval_stage()
+        preds, texts = self.answer(batch, stage, cot)
+        return [{"idx": r.idx, "question": r.question, "gold": r.answer, "prediction": p, "text": t}
+                for r, p, t in zip(batch, preds, texts)]
+
+    # -- checkpoint state ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokenizer"] = tokenizer_to_bytes(self.tokenizer)
+        seg = self.segment
+        checkpoint["schedule_state"] = {"step_count": self.step_count, "phase": seg.name, "kind": seg.kind,
+                                        "stage": seg.stage, "step_in_stage": self.step_count - seg.start}
+        if self._ref_state is not None:
+            checkpoint["grpo_reference"] = self._ref_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        st = checkpoint.get("schedule_state")
+        if st is None:
+            raise ValueError("checkpoint has no schedule_state: not written by lightning-latent")
+        self.step_count = int(st["step_count"])
+        self._ref_state = checkpoint.get("grpo_reference")
+        self._ref = None

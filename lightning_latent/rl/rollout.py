@@ -1,0 +1,116 @@
+"""Prompts x K perturbed rollouts in one batch, and the replay of their log-probs.
+
+Flow: records -> prompts at the rollout stage -> B*K rows (row = b*K + k) -> one batched
+:func:`~lightning_latent.model.latent_lm.generate` under the rows' perturbations -> rewards. The update
+later calls :func:`replay_logprobs` with the same seeds, so the same masks are rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data.layout import Layout, collate_prompts
+from ..data.records import Record
+from ..model.latent_lm import LatentLM, generate, positions_from_mask
+from ..model.perturb import Perturber
+from .grpo import sequence_logprobs, token_entropy
+from .rewards import RewardFn, extract_answer
+
+
+def rollout_seed(base_seed: int, iteration: int, record_key: int, k: int) -> int:
+    """A 63-bit seed, a pure function of (run seed, iteration, the prompt's global position, k).
+
+    It does not depend on the rank or on which rows share the batch, so rollouts replay anywhere."""
+    h = hashlib.blake2b(f"{base_seed}/{iteration}/{record_key}/{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: Tensor  # [N, Tp] left-padded
+    prompt_mask: Tensor  # [N, Tp]
+    seeds: Tensor  # [N]
+    tokens: Tensor  # [N, L]
+    logprobs: Tensor  # [N, L] rollout-time log-probs
+    mask: Tensor  # [N, L]
+    rewards: Tensor  # [B, K]
+    answers: list[str | None]  # extracted per row
+    golds: list[str]  # per prompt
+    final_thought: Tensor | None  # [N, D]
+
+    @property
+    def group_size(self) -> int:
+        return self.rewards.shape[1]
+
+    def select_groups(self, keep: Tensor) -> "RolloutBatch":
+        """The rollouts of the groups where ``keep`` [B] is True (dynamic sampling)."""
+        k = self.group_size
+        rows = keep.repeat_interleave(k)
+        idx = rows.nonzero().flatten()
+        sel = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
+        return RolloutBatch(
+            sel(self.prompt_ids), sel(self.prompt_mask), sel(self.seeds), sel(self.tokens), sel(self.logprobs),
+            sel(self.mask), self.rewards[keep], [self.answers[i] for i in idx.tolist()],
+            [g for g, kp in zip(self.golds, keep.tolist()) if kp], sel(self.final_thought),
+        )
+
+
+@torch.no_grad()
+def rollout(
+    model: LatentLM,
+    perturber: Perturber | None,
+    layout: Layout,
+    records: list[Record],
+    stage: int,
+    seeds: Tensor,
+    group_size: int,
+    temperature: float,
+    max_new_tokens: int,
+    reward_fn: RewardFn,
+    tokenizer,
+) -> RolloutBatch:
+    """B records -> B*K rollouts with per-row perturbations, in one batch."""
+    k = group_size
+    prompts = [layout.prompt(r, stage) for r in records for _ in range(k)]
+    pb = collate_prompts(prompts, layout.pad_id)
+    dev = next(model.parameters()).device
+    ids, am = pb["input_ids"].to(dev), pb["attention_mask"].to(dev)
+    seeds = seeds.to(dev)
+    if perturber is not None:
+        with perturber.rows(seeds):
+            gen = generate(model, ids, am, max_new_tokens, layout.eos_id, layout.pad_id, temperature, seeds, perturber)
+    else:
+        gen = generate(model, ids, am, max_new_tokens, layout.eos_id, layout.pad_id, temperature, seeds)
+    texts = tokenizer.batch_decode([t[: int(m.sum())] for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())])
+    golds = [r.answer for r in records]
+    rewards = reward_fn(texts, [g for g in golds for _ in range(k)]).view(len(records), k)
+    return RolloutBatch(ids, am, seeds, gen.tokens, gen.logprobs, gen.mask, rewards,
+                        [extract_answer(t) for t in texts], golds, gen.final_thought)
+
+
+def replay_logprobs(
+    model: LatentLM, perturber: Perturber | None, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs [N, L] of the rollout's answer tokens under ``model`` with the rows' own perturbations
+    rebuilt from their seeds (teacher forcing, one batched latent forward). Differentiable."""
+    tp = batch.prompt_ids.shape[1]
+    full = torch.cat([batch.prompt_ids, batch.tokens], 1)
+    am = torch.cat([batch.prompt_mask, batch.mask.to(batch.prompt_mask.dtype)], 1)
+    pos = positions_from_mask(am)
+    t_eff = temperature if temperature > 0 else 1.0
+
+    def fwd():
+        return model(full, am, pos, perturber=perturber, answer_from=tp, logits_from=tp - 1)
+
+    if perturber is not None:
+        with perturber.rows(batch.seeds):
+            out = fwd()
+    else:
+        out = fwd()
+    logits = out.logits[:, : batch.tokens.shape[1]].float()
+    logp = sequence_logprobs(logits, batch.tokens, t_eff)
+    ent = token_entropy(logits.detach(), t_eff) if with_entropy else None
+    return logp, ent

@@ -1,0 +1,98 @@
+"""The phase schedule: which phases a run trains, in which order, for how many steps.
+
+A schedule is a list of :class:`Phase`; it is flattened into :class:`Segment` s, one per (phase,
+stage). The module's step counter alone says where a run is (phase, stage, step in stage), which is
+what makes ``--ckpt_path`` resume at the exact place a run stopped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+PhaseKind = Literal["cot", "coconut", "grpo", "sft"]
+
+
+@dataclass
+class Phase:
+    """One phase.
+
+    kind: ``cot`` (stage 0, plain chain of thought, no latent markers), ``coconut`` (the latent
+    curriculum: ``steps`` per stage over ``stages``), ``grpo`` (RL post-training at the final stage)
+    or ``sft`` (supervised latent training at the final stage: the ``sft_continue`` control arm).
+    name: label in logs and the summary (defaults to the kind).
+    stages: coconut stages (default 1 .. max_latent_stage + 1; the last removes every language step);
+    for grpo / sft the single stage trained (default max_latent_stage + 1).
+    batch_size: records per step on each rank (grpo: prompts per step; None: the module default).
+    lr: learning rate of this phase (None: the module default for the kind).
+    """
+
+    kind: PhaseKind
+    steps: int = 100
+    name: str | None = None
+    stages: list[int] | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclass
+class Segment:
+    phase_index: int
+    name: str
+    kind: PhaseKind
+    stage: int
+    steps: int
+    start: int  # global step at which it starts
+    batch_size: int
+    lr: float
+    first_of_phase: bool = False
+    last_of_phase: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str, int], default_lr: dict[str, float]
+            ) -> list[Segment]:
+    """Phases -> segments with absolute start steps; validates every value with a clear message."""
+    if not phases:
+        raise ValueError("schedule is empty: give at least one phase")
+    segs: list[Segment] = []
+    start = 0
+    final = max_latent_stage + 1
+    for i, ph in enumerate(phases):
+        if ph.kind not in ("cot", "coconut", "grpo", "sft"):
+            raise ValueError(f"schedule[{i}].kind={ph.kind!r} is unknown; choose cot, coconut, grpo or sft")
+        if ph.steps < 0:
+            raise ValueError(f"schedule[{i}].steps={ph.steps} must be >= 0")
+        if ph.batch_size is not None and ph.batch_size < 1:
+            raise ValueError(f"schedule[{i}].batch_size={ph.batch_size} must be >= 1")
+        if ph.kind == "cot":
+            stages = [0]
+        elif ph.kind == "coconut":
+            stages = list(ph.stages) if ph.stages else list(range(1, final + 1))
+        else:
+            stages = list(ph.stages) if ph.stages else [final]
+            if len(stages) != 1:
+                raise ValueError(f"schedule[{i}] ({ph.kind}) trains one stage, got stages={stages}")
+        for s in stages:
+            if s < 0:
+                raise ValueError(f"schedule[{i}].stages contains {s}; stages are >= 0")
+        group = "grpo" if ph.kind == "grpo" else "sft"
+        for j, s in enumerate(stages):
+            segs.append(Segment(i, ph.label, ph.kind, s, ph.steps, start, ph.batch_size or default_batch[group],
+                                ph.lr if ph.lr is not None else default_lr[group], j == 0, j == len(stages) - 1))
+            start += ph.steps
+    return segs
+
+
+def locate(segments: list[Segment], step: int) -> Segment:
+    """The segment holding global step ``step`` (the last one once the schedule is done)."""
+    for s in segments:
+        if s.start <= step < s.end:
+            return s
+    return segments[-1]

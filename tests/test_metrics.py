@@ -1,0 +1,193 @@
+"""Evaluation metrics: pass@k, maj@k, torchmetrics classes (incl. a 2-process gloo DDP sync)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from math import comb
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_latent.metrics import (
+    ExactMatchAccuracy,
+    MajorityAtK,
+    PassAtK,
+    binomial_ci95,
+    majority_vote,
+    mean_and_ci95,
+    pass_at_k,
+)
+
+# --------------------------------------------------------------------------------------------------
+# pass@k
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pass_at_k_hand_values() -> None:
+    # k = 1 reduces to c / n
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    # k = 2: 1 - C(3,2)/C(5,2) = 1 - 3/10 = 0.7
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    # n - c < k: any 4 of 5 samples include one of the 2 correct ones
+    assert pass_at_k(5, 2, 4) == 1.0
+    assert pass_at_k(5, 0, 3) == 0.0
+    assert pass_at_k(5, 5, 5) == 1.0
+    assert pass_at_k(5, 0, 5) == 0.0
+
+
+def test_pass_at_k_matches_binomial_form() -> None:
+    for n in range(1, 12):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                exact = 1.0 if n - c < k else 1 - comb(n - c, k) / comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+    # large n stays finite and in [0, 1] where the binomial form would overflow a float
+    v = pass_at_k(2000, 3, 100)
+    assert 0.0 < v < 1.0
+
+
+@pytest.mark.parametrize("n, c, k", [(3, 1, 4), (3, 4, 1), (-1, 0, 1), (3, -1, 1), (3, 1, -1), (3, 1, 0)])
+def test_pass_at_k_invalid(n: int, c: int, k: int) -> None:
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+# --------------------------------------------------------------------------------------------------
+# majority vote
+# --------------------------------------------------------------------------------------------------
+
+
+def test_majority_vote() -> None:
+    assert majority_vote(["3", "5", "5", "3", "7"]) == "3"  # 2-2 tie: "3" appeared first
+    assert majority_vote(["5", "3", "5", "3"]) == "5"
+    assert majority_vote(["7", "28", "28.0", "$28", "7"]) == "28"  # numeric canonical key
+    assert majority_vote([None, None, "4"]) == "4"  # None abstains, never wins
+    assert majority_vote([None, None]) is None
+    assert majority_vote([]) is None
+    assert majority_vote(["a", None, "b", None, "b"]) == "b"
+
+
+# --------------------------------------------------------------------------------------------------
+# intervals
+# --------------------------------------------------------------------------------------------------
+
+
+def test_intervals() -> None:
+    values = [1.0, 0.0, 1.0, 1.0]
+    mean, hw = mean_and_ci95(values)
+    # sample sd of [1,0,1,1]: mean .75, squared deviations .0625*3 + .5625 = .75, /3 = .25 -> sd .5
+    assert mean == pytest.approx(0.75)
+    assert hw == pytest.approx(1.96 * 0.5 / 2)
+    m2, hw2 = mean_and_ci95(torch.tensor(values))
+    assert (m2, hw2) == pytest.approx((mean, hw))
+    assert math.isnan(mean_and_ci95([1.0])[1])
+    with pytest.raises(ValueError):
+        mean_and_ci95([])
+    assert binomial_ci95(0.5, 100) == pytest.approx(1.96 * 0.05)
+    assert binomial_ci95(0.0, 10) == 0.0
+    with pytest.raises(ValueError):
+        binomial_ci95(0.5, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchmetrics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_exact_match_accuracy() -> None:
+    m = ExactMatchAccuracy()
+    m.update(["28", "28.0", None], ["28", "28", "28"])
+    m.update(["$1,000"], ["1000"])
+    assert m.compute().item() == pytest.approx(0.75)
+    assert m.n.item() == 4
+    m.reset()
+    m.update(["1"], ["2"])
+    assert m.compute().item() == 0.0
+
+
+def test_pass_at_k_metric() -> None:
+    m = PassAtK(k=2)
+    # problem 0: c=2 of 5 -> 0.7; problem 1: c=0 -> 0; problem 2: c=5 -> 1
+    correct = torch.tensor(
+        [[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool
+    )
+    m.update(correct[:2])
+    m.update(correct[2:])
+    assert m.compute().item() == pytest.approx((0.7 + 0.0 + 1.0) / 3)
+    m1 = PassAtK(k=1)
+    m1.update(correct)
+    assert m1.compute().item() == pytest.approx((0.4 + 0 + 1) / 3)
+    with pytest.raises(ValueError):
+        PassAtK(k=6).update(correct)
+
+
+def test_majority_at_k_metric() -> None:
+    m = MajorityAtK()
+    m.update([["3", "5", "5", "3"], ["28.0", "7", "28"], [None, None]], ["3", "28", "1"])
+    # votes: "3" (tie, first seen) correct; "28.0" correct; None wrong
+    assert m.compute().item() == pytest.approx(2 / 3)
+    m2 = MajorityAtK(k=2)
+    m2.update([["1", "2", "2", "2"]], ["2"])  # only the first 2 vote: tie -> "1" -> wrong
+    assert m2.compute().item() == 0.0
+    with pytest.raises(ValueError):
+        m2.update([["1"]], ["1"])
+
+
+# --------------------------------------------------------------------------------------------------
+# DDP: two gloo processes, different data, both must see the global value
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        acc, pak, maj = ExactMatchAccuracy(), PassAtK(k=2), MajorityAtK()
+        if rank == 0:
+            acc.update(["1", "2", "3"], ["1", "2", "0"])  # 2 / 3
+            pak.update(torch.tensor([[1, 0, 1, 0, 0]], dtype=torch.bool))  # 0.7
+            maj.update([["4", "4", "5"]], ["4"])  # 1 / 1
+        else:
+            acc.update(["9"], ["8"])  # 0 / 1
+            pak.update(torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))  # 0, 1
+            maj.update([["1", "2"], [None, "3", "3"]], ["2", "3"])  # "1" wrong, "3" right
+        # compute() syncs, then restores the local states; read the global n in a sync context.
+        with acc.sync_context():
+            global_n = int(acc.n.item())
+        result = {
+            "acc": acc.compute().item(),
+            "acc_n": global_n,
+            "local_n": int(acc.n.item()),
+            "pass2": pak.compute().item(),
+            "maj": maj.compute().item(),
+        }
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_metrics_ddp_sync(tmp_path: Path) -> None:
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        r = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
+        assert r["acc"] == pytest.approx(2 / 4)  # (2 + 0) / (3 + 1), not a mean of means
+        assert r["acc_n"] == 4
+        assert r["local_n"] == (3 if rank == 0 else 1)
+        assert r["pass2"] == pytest.approx((0.7 + 0.0 + 1.0) / 3)
+        assert r["maj"] == pytest.approx(2 / 3)
