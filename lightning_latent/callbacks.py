@@ -45,9 +45,10 @@ class EnvironmentRecord(L.Callback):
     """Writes ``env.json`` next to the run's ``config.yaml`` (rank 0)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and trainer.log_dir:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(trainer.log_dir) / "env.json", "w") as f:
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it, not rank 0 alone
+        if trainer.is_global_zero and log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(log_dir) / "env.json", "w") as f:
                 json.dump(environment_record(), f, indent=2)
 
 
@@ -119,12 +120,13 @@ class PhaseSummary(L.Callback):
             log.info("phase %s: %s", name, row)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or not trainer.log_dir:
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it, not rank 0 alone
+        if not trainer.is_global_zero or not log_dir:
             return
         summary = {"phases": self.rows, "seconds": round(time.perf_counter() - self._t0, 2),
                    "steps": pl_module.step_count, "skipped_rows": trainer.datamodule.skip_report()
                    if trainer.datamodule is not None else {}}
-        path = Path(trainer.log_dir) / "summary.json"
+        path = Path(log_dir) / "summary.json"
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
         lines = [f"{'phase':<16}{'val pass@1':>12}{'test pass@1':>13}{'± 95%':>8}{'n test':>8}{'seconds':>9}"]

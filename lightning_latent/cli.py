@@ -17,7 +17,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import EnvironmentRecord, PhaseSummary
 from .data.datamodule import LatentDataModule
+from .hparams import HParamsSummary
 from .module import LatentReasoner
+from .sweep.report import callbacks_from_env as sweep_callbacks_from_env
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,  # the schedule decides when a fit ends
@@ -43,7 +45,10 @@ class LatentCLI(LightningCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         # Always on: the environment record and the phase-end summary (not optional, unlike checkpoint.*).
-        return super()._instantiate_trainer(config, [*callbacks, EnvironmentRecord(), PhaseSummary()])
+        # HParamsSummary: hyperparameters + final metrics for TensorBoard's HParams tab; a sweep trial
+        # (LL_OPTUNA_* env set by sweeps/sweep.py) also gets the Optuna reporter / pruner.
+        return super()._instantiate_trainer(config, [*callbacks, EnvironmentRecord(), PhaseSummary(),
+                                                     HParamsSummary(), *sweep_callbacks_from_env()])
 
     def after_predict(self) -> None:
         self._write_predictions()
@@ -57,8 +62,9 @@ class LatentCLI(LightningCLI):
         rows = module.predictions
         if self.subcommand == "predict" and self.trainer.predict_loop.predictions:
             rows = [r for batch in trainer.predict_loop.predictions for r in batch]
-        if trainer.is_global_zero and trainer.log_dir and rows:
-            path = Path(trainer.log_dir) / f"predictions_{self.subcommand}.jsonl"
+        log_dir = trainer.log_dir  # a collective (broadcast): every rank must call it
+        if trainer.is_global_zero and log_dir and rows:
+            path = Path(log_dir) / f"predictions_{self.subcommand}.jsonl"
             with open(path, "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")

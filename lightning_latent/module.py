@@ -63,7 +63,9 @@ class GRPOConfig:
     mu: int = 1
     dynamic_sampling: bool = False
     max_groups: int | None = None  # with dynamic sampling: keep at most this many mixed groups per rank
-    trainable: str | None = None  # regex over parameter names; None: all (e.g. "attn\\.c_attn" for W_QKV)
+    # Which parameters GRPO trains: None = all; "value" = the attention value projections only (the
+    # published recipe's W_V: v_proj, or the V third of GPT-2's fused c_attn); else a regex over names.
+    trainable: str | None = None
     reward: str = "exact_match"
 
     def validate(self) -> None:
@@ -83,8 +85,11 @@ class GRPOConfig:
             raise ValueError(f"grpo.advantage={self.advantage!r} must be mean, std or none")
         if self.aggregation not in ("grpo", "dr_grpo", "dapo"):
             raise ValueError(f"grpo.aggregation={self.aggregation!r} must be grpo, dr_grpo or dapo")
-        if self.trainable is not None:
-            re.compile(self.trainable)
+        if self.trainable not in (None, "value"):
+            try:
+                re.compile(self.trainable)
+            except re.error as err:
+                raise ValueError(f"grpo.trainable={self.trainable!r} is not a valid regex: {err}") from err
         get_reward(self.reward)
 
 
@@ -108,8 +113,37 @@ class EvalConfig:
     k: int = 0
 
 
+def trainable_masks(model: torch.nn.Module, spec: str | None) -> list[tuple[torch.nn.Parameter, Tensor]]:
+    """Set ``requires_grad`` from ``spec`` (None: all, "value": value projections only, else a regex)
+    and return (parameter, gradient mask) pairs for parameters trained only in part (GPT-2's fused
+    c_attn holds Q, K and V: only its V third keeps a gradient)."""
+    masks: list[tuple[torch.nn.Parameter, Tensor]] = []
+    pattern = re.compile(spec) if spec not in (None, "value") else None
+    n_on = 0
+    for name, p in model.named_parameters():
+        if spec is None:
+            on = True
+        elif spec == "value":
+            on = bool(re.search(r"(v_proj|value)\.(weight|bias)$", name) or re.search(r"attn\.c_attn\.(weight|bias)$", name))
+            if on and "c_attn" in name:
+                m = torch.zeros_like(p)
+                d = p.shape[-1] // 3
+                m[..., 2 * d:] = 1.0  # Conv1D weight [in, 3d] / bias [3d]: columns q | k | v
+                masks.append((p, m))
+        else:
+            on = bool(pattern.search(name))
+        p.requires_grad_(on)
+        n_on += on
+    if n_on == 0:
+        raise ValueError(f"grpo.trainable={spec!r} matches no parameter of the model")
+    return masks
+
+
 def default_schedule() -> list[Phase]:
-    return [Phase("cot", steps=600), Phase("coconut", steps=250), Phase("grpo", steps=200, name="dropout_grpo")]
+    """The embedded default: CoT, the latent curriculum (3 stages: the 3-step synthetic problems end
+    fully latent), then Dropout-GRPO."""
+    return [Phase("cot", steps=600), Phase("coconut", steps=250, stages=[1, 2, 3]),
+            Phase("grpo", steps=200, name="dropout_grpo")]
 
 
 class LatentReasoner(L.LightningModule):
@@ -135,7 +169,7 @@ class LatentReasoner(L.LightningModule):
     def __init__(
         self,
         model: ModelConfig = ModelConfig(),
-        curriculum: CurriculumConfig = CurriculumConfig(c_thought=1, max_latent_stage=2),
+        curriculum: CurriculumConfig = CurriculumConfig(c_thought=1, max_latent_stage=3),
         schedule: list[Phase] | None = None,
         perturb: PerturbConfig = PerturbConfig(),
         grpo: GRPOConfig = GRPOConfig(),
@@ -184,6 +218,7 @@ class LatentReasoner(L.LightningModule):
         self.eval_maj = MajorityAtK(evaluation.k) if evaluation.k > 1 else None
         self.automatic_optimization = False
         self._t_rollout = self._t_update = 0.0
+        self._grad_masks: list = []
         self.predictions: list[dict] = []
 
     def setup(self, stage: str) -> None:
@@ -240,9 +275,7 @@ class LatentReasoner(L.LightningModule):
         for g in opt.param_groups:
             g["lr"] = seg.lr
             g["weight_decay"] = self.ocfg.grpo_weight_decay if is_grpo else self.ocfg.weight_decay
-        pattern = re.compile(self.gcfg.trainable) if (is_grpo and self.gcfg.trainable) else None
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(pattern is None or bool(pattern.search(name)))
+        self._grad_masks = trainable_masks(self.model, self.gcfg.trainable if is_grpo else None)
         # Base dropout is for supervised phases only; rollouts and replays must be deterministic.
         self.model.set_base_dropout(not is_grpo and self.mcfg.dropout > 0)
         if self.step_count == seg.start:
@@ -300,6 +333,9 @@ class LatentReasoner(L.LightningModule):
         """Backward, sync, clip, step; a non-finite loss or gradient skips the update (counted)."""
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        for p, m in self._grad_masks:
+            if p.grad is not None:
+                p.grad.mul_(m)
         self._sync_grads()
         params = [p for p in self.model.parameters() if p.grad is not None]
         gn = torch.nn.utils.clip_grad_norm_(params, self.ocfg.grad_clip) if params else torch.zeros(())

@@ -121,6 +121,8 @@ def init_state_dict(path: str) -> tuple[dict[str, torch.Tensor], bytes | None]:
     ``base_causallm.*`` keys) or an HF model folder / hub id.
     """
     p = Path(path)
+    if not p.exists() and (p.suffix in (".ckpt", ".pt", ".pth", ".bin") or str(path).startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"init_from={path!r}: checkpoint {str(p)!r} does not exist")
     if p.is_file():
         ck = read_checkpoint(p)
         if "state_dict" in ck:  # ours

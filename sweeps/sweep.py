@@ -1,0 +1,17 @@
+"""Hyperparameter sweep over Dropout-GRPO trials (Optuna; one DDP fit per trial).
+
+    python sweeps/sweep.py --config sweeps/dropout_grpo.yaml --n-trials 20 --out sweeps/out/dropout_grpo \
+        [--storage postgresql://user:pw@host/db] [--study-name NAME] [--devices 2] [--init-from PATH.ckpt]
+
+Start the same command on several machines (same --storage and --study-name) to share the study.
+See lightning_latent/sweep/driver.py for the details; `optuna-dashboard <storage>` shows the study.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_latent.sweep.driver import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The Coconut recurrence (LatentLM), batched generation and the curriculum layout.
+
+* the reference Coconut fixture is reproduced (logits, losses, gradient norms, our collation);
+* the KV-cached, batched recurrence equals a naive recompute-everything implementation (logits and
+  gradients) on left-padded rows with different numbers of thoughts;
+* batched generation equals one-at-a-time generation (greedy and seeded sampling);
+* the layout gives the exact token lists of the reference Coconut code at every stage.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lightning_latent.data.layout import (
+    END,
+    IGNORE,
+    LATENT,
+    START,
+    CurriculumConfig,
+    Layout,
+    add_latent_tokens,
+    collate_prompts,
+    collate_train,
+)
+from lightning_latent.data.records import BadRow, Record
+from lightning_latent.data.synthetic import SyntheticConfig, synthetic_vocabulary
+from lightning_latent.data.tokenizer import build_word_tokenizer
+from lightning_latent.model.latent_lm import LatentLM, generate, positions_from_mask
+
+from conftest import FIXTURE_DIR, tiny_gpt2
+
+# --------------------------------------------------------------------------------------------------
+# The reference Coconut fixture
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ref_model(coconut_fixture):
+    from safetensors.torch import load_file
+
+    cfg = GPT2Config(**coconut_fixture["config"])
+    lm = GPT2LMHeadModel(cfg)
+    missing, unexpected = lm.load_state_dict(load_file(str(FIXTURE_DIR / "model.safetensors")), strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected
+    lm.tie_weights()
+    lm.eval()
+    sp = coconut_fixture["special_tokens"]
+    return LatentLM(lm, sp["latent"], sp["start_latent"], sp["end_latent"]).eval()
+
+
+def _ce_sum(logits, labels):
+    return F.cross_entropy(logits[:-1].double(), labels[1:], ignore_index=IGNORE, reduction="sum")
+
+
+def test_reference_examples_unpadded(ref_model, coconut_fixture):
+    n_lat = []
+    for ex in coconut_fixture["examples"]:
+        ids = torch.tensor([ex["input_ids"]])
+        labels = torch.tensor(ex["labels"])
+        with torch.no_grad():
+            out = ref_model(ids)
+        ref = torch.tensor(ex["logits"])
+        assert out.logits.shape[1:] == ref.shape
+        assert (out.logits[0] - ref).abs().max().item() < 1e-5
+        assert _ce_sum(out.logits[0], labels).item() == pytest.approx(ex["loss_sum"], abs=1e-5 * ex["n_label_tokens"])
+        n_lat.append(ex["input_ids"].count(coconut_fixture["special_tokens"]["latent"]))
+    assert n_lat == [3, 2, 3, 0]
+
+
+def test_reference_batch_with_our_collation(ref_model, coconut_fixture):
+    exs = coconut_fixture["examples"]
+    sp = coconut_fixture["special_tokens"]
+    b = collate_train([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in exs], sp["pad"], sp["latent"])
+    # our collator builds exactly the reference collator's batch
+    for k in ("input_ids", "labels", "attention_mask", "position_ids"):
+        assert b[k].tolist() == coconut_fixture["reference_batch"][k], k
+    with torch.no_grad():
+        out = ref_model(b["input_ids"], b["attention_mask"], b["position_ids"])
+    for i, ex in enumerate(exs):
+        valid = b["attention_mask"][i].bool()
+        got = out.logits[i][valid]
+        assert (got - torch.tensor(ex["logits"])).abs().max().item() < 1e-5, f"example {i}"
+    loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    assert loss.item() == pytest.approx(coconut_fixture["reference_batch_loss"], abs=1e-5)
+
+
+def test_reference_batch_loss_and_grad_norms(ref_model, coconut_fixture):
+    b = {k: torch.tensor(v) for k, v in coconut_fixture["reference_batch"].items()}
+    ref_model.zero_grad(set_to_none=True)
+    out = ref_model(b["input_ids"], b["attention_mask"], b["position_ids"])
+    loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+    assert loss.item() == pytest.approx(coconut_fixture["reference_batch_loss"], abs=1e-5)
+    loss.backward()
+    params = dict(ref_model.lm.named_parameters())
+    assert len(coconut_fixture["reference_grad_norms"]) == 2
+    for name, expected in coconut_fixture["reference_grad_norms"].items():
+        got = params[name].grad.norm().item()
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-5), name
+    ref_model.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# KV-cached recurrence == naive recomputation
+# --------------------------------------------------------------------------------------------------
+
+V, S_ID, E_ID, L_ID = 64, 61, 62, 63
+
+
+def naive_latent_logits(lm, ids, am, pos, latent_id):
+    """Coconut the slow way: before filling each latent column, rerun the whole model on everything
+    to its left and take the last hidden state at the previous position; then one full pass."""
+    emb = lm.get_input_embeddings()(ids)
+    is_lat = ids == latent_id
+    for c in sorted(set(is_lat.any(0).nonzero().flatten().tolist())):
+        h = lm.base_model(inputs_embeds=emb[:, :c], attention_mask=am[:, :c], position_ids=pos[:, :c],
+                          use_cache=False).last_hidden_state
+        fill = torch.where(is_lat[:, c, None], h[:, c - 1], emb[:, c])
+        emb = torch.cat([emb[:, :c], fill[:, None], emb[:, c + 1:]], 1)
+    h = lm.base_model(inputs_embeds=emb, attention_mask=am, position_ids=pos, use_cache=False).last_hidden_state
+    return lm.get_output_embeddings()(h)
+
+
+ROWS = [
+    [5, 6, 7, 8, S_ID, L_ID, L_ID, L_ID, E_ID, 10, 11, 12, 1],
+    [9, 10, S_ID, L_ID, E_ID, 13, 14, 15, 16, 17, 18, 1],
+    [20, 21, 22, 23, 24, 25, 26, S_ID, E_ID, 30, 31, 1],
+]
+
+
+def _batch(padding: str):
+    if padding == "left":
+        pb = collate_prompts(ROWS, 0)
+        am = pb["attention_mask"]
+        return pb["input_ids"], am, positions_from_mask(am)
+    b = collate_train([{"input_ids": r, "labels": r} for r in ROWS], 0, L_ID)
+    return b["input_ids"], b["attention_mask"], b["position_ids"]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding", ["left", "aligned"])
+def test_kv_cached_equals_naive(padding, attn):
+    lm = tiny_gpt2(V, seed=3)
+    lm.config._attn_implementation = attn
+    model = LatentLM(lm, L_ID, S_ID, E_ID).eval()
+    ids, am, pos = _batch(padding)
+    # the latent slots sit in different columns, and rows have 3, 1 and 0 thoughts
+    lat_cols = [set((r == L_ID).nonzero().flatten().tolist()) for r in ids]
+    assert [len(c) for c in lat_cols] == [3, 1, 0]
+    if padding == "left":
+        assert not lat_cols[1] <= lat_cols[0]
+    else:
+        assert min(lat_cols[0]) == min(lat_cols[1])
+    valid = am.bool()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        lm.to(dtype)
+        torch.manual_seed(0)
+        proj = torch.randn(ids.shape[0], ids.shape[1], V, dtype=dtype)
+
+        def loss_and_grads(fn):
+            lm.zero_grad(set_to_none=True)
+            logits = fn()
+            (logits * proj * valid[..., None]).sum().backward()
+            return logits.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+        fast, g_fast = loss_and_grads(lambda: model(ids, am, pos).logits)
+        slow, g_slow = loss_and_grads(lambda: naive_latent_logits(lm, ids, am, pos, L_ID))
+        assert (fast[valid] - slow[valid]).abs().max().item() < tol
+        assert g_fast.keys() == g_slow.keys()
+        for n in g_fast:
+            # gradients are O(10-100) here: compare relative to each tensor's largest entry
+            scale = max(1.0, g_slow[n].abs().max().item())
+            err = (g_fast[n] - g_slow[n]).abs().max().item() / scale
+            assert err < tol, f"{dtype} {n}: {err}"
+        # the gradient reaches the position embeddings of thought positions, i.e. it is not all zero
+        assert g_fast["transformer.wpe.weight"].abs().sum() > 0
+    lm.to(torch.float32)
+    # the thoughts matter: a pause-token model (no feedback) gives different logits
+    with torch.no_grad():
+        pause = LatentLM(lm, L_ID, S_ID, E_ID, feedback=False)(ids, am, pos).logits
+        slow = naive_latent_logits(lm, ids, am, pos, L_ID)
+    assert (pause[valid] - slow[valid]).abs().max().item() > 1e-2
+
+
+def test_final_thought_is_last_latent_hidden(make_latent_lm):
+    lm = tiny_gpt2(V, seed=4)
+    model = LatentLM(lm, L_ID, S_ID, E_ID).eval()
+    ids, am, pos = _batch("left")
+    with torch.no_grad():
+        out = model(ids, am, pos)
+    for i, row in enumerate(ids):
+        lat = (row == L_ID).nonzero().flatten()
+        if len(lat):
+            torch.testing.assert_close(out.final_thought[i], out.hidden[i, lat[-1]])
+        else:
+            assert out.final_thought[i].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched generation == one at a time
+# --------------------------------------------------------------------------------------------------
+
+
+def _gen_prompts(word_tokenizer, synth_records):
+    lay = Layout(word_tokenizer, CurriculumConfig(c_thought=2, max_latent_stage=3))
+    prompts = [lay.prompt(synth_records[0], 0), lay.prompt(synth_records[1], 1),
+               lay.prompt(synth_records[2], 3), lay.prompt(synth_records[3], 0, cot=True)]
+    n_lat = [p.count(lay.latent_id) for p in prompts]
+    assert n_lat == [0, 2, 6, 0]
+    assert len({len(p) for p in prompts}) > 1
+    return lay, prompts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batched_generate_equals_one_at_a_time(make_latent_lm, word_tokenizer, synth_records, temperature):
+    model = make_latent_lm(seed=1)
+    lay, prompts = _gen_prompts(word_tokenizer, synth_records)
+    seeds = torch.tensor([11, 22, 33, 44]) if temperature > 0 else None
+    n_new = 8
+
+    def one(i, eos):
+        pb = collate_prompts([prompts[i]], lay.pad_id)
+        s = None if seeds is None else seeds[i:i + 1]
+        return generate(model, pb["input_ids"], pb["attention_mask"], n_new, eos, lay.pad_id, temperature, s)
+
+    # choose an EOS that row 0 emits at its third token, so rows stop at different times
+    eos = int(one(0, lay.eos_id).tokens[0, 2])
+    singles = [one(i, eos) for i in range(len(prompts))]
+    pb = collate_prompts(prompts, lay.pad_id)
+    batch = generate(model, pb["input_ids"], pb["attention_mask"], n_new, eos, lay.pad_id, temperature, seeds)
+    lengths = batch.mask.sum(1).tolist()
+    assert lengths[0] <= 3
+    for i, g in enumerate(singles):
+        n = int(g.mask.sum())
+        assert lengths[i] == n, f"row {i}"
+        assert batch.tokens[i, :n].tolist() == g.tokens[0, :n].tolist(), f"row {i}"
+        assert (batch.logprobs[i, :n] - g.logprobs[0, :n]).abs().max().item() < 1e-5
+        assert (batch.tokens[i, n:] == lay.pad_id).all()
+        assert (batch.logprobs[i, n:] == 0).all()
+        if n < batch.tokens.shape[1] or n < n_new:
+            assert g.tokens[0, n - 1].item() == eos
+        if g.final_thought is None:  # a batch without any thought has no final thought
+            assert prompts[i].count(lay.latent_id) == 0 and batch.final_thought[i].abs().sum() == 0
+        else:
+            torch.testing.assert_close(batch.final_thought[i], g.final_thought[0], atol=1e-5, rtol=1e-5)
+    assert batch.logprobs.max().item() <= 0.0
+    if temperature == 0:
+        # greedy log-probs are the max log-prob: re-score with a plain forward of the full sequence
+        i = 2
+        n = lengths[i]
+        full = torch.tensor([prompts[i] + batch.tokens[i, :n].tolist()])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(full).logits[0, len(prompts[i]) - 1:-1], -1)
+        assert (lp.argmax(-1) == batch.tokens[i, :n]).all()
+        got = lp.gather(1, batch.tokens[i, :n, None])[:, 0]
+        assert (got - batch.logprobs[i, :n]).abs().max().item() < 1e-5
+
+
+def test_sampling_needs_seeds(make_latent_lm, word_tokenizer, synth_records):
+    model = make_latent_lm()
+    lay, prompts = _gen_prompts(word_tokenizer, synth_records)
+    pb = collate_prompts(prompts, lay.pad_id)
+    with pytest.raises(ValueError, match="seed"):
+        generate(model, pb["input_ids"], pb["attention_mask"], 2, lay.eos_id, lay.pad_id, 1.0, None)
+
+
+def test_sampling_depends_on_seed(make_latent_lm, word_tokenizer, synth_records):
+    model = make_latent_lm(seed=2)
+    lay, prompts = _gen_prompts(word_tokenizer, synth_records)
+    pb = collate_prompts([prompts[2]] * 6, lay.pad_id)
+    g = generate(model, pb["input_ids"], pb["attention_mask"], 6, lay.eos_id, lay.pad_id, 1.0,
+                 torch.arange(6) * 1000 + 7)
+    assert len({tuple(t.tolist()) for t in g.tokens}) > 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------------
+
+REC = Record(question="Tom has 3 apples.", steps=("<<3+2=5>>", "<<5*2=10>>", "<<10-1=9>>"), answer="9", idx=7)
+
+
+def _ids(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_layout_stage_k(word_tokenizer, stage):
+    tok = word_tokenizer
+    lay = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3))
+    q = _ids(tok, "Tom has 3 apples .\n")
+    assert tok.convert_ids_to_tokens(q) == ["Tom", "has", "3", "apples", ".", "\n"]
+    steps = [_ids(tok, "<< 3 + 2 = 5 >>\n"), _ids(tok, "<< 5 * 2 = 10 >>\n"), _ids(tok, "<< 10 - 1 = 9 >>\n")]
+    assert all(len(s) == 8 for s in steps)
+    ans = _ids(tok, "### 9") + [tok.eos_token_id]
+    assert len(ans) == 3
+    s, e, lt = (tok.convert_tokens_to_ids(x) for x in (START, END, LATENT))
+    head = q + [s] + [lt] * (2 * stage) + [e]
+    tail = [t for st in steps[stage:] for t in st] + ans
+    ex = lay.train_example(REC, stage)
+    assert ex["input_ids"] == head + tail
+    assert ex["labels"] == [IGNORE] * len(head) + tail
+    assert ex["idx"] == 7
+    # the generation prompt (eval rule): question, markers, min(n_steps, stage) * c slots
+    assert lay.prompt(REC, stage) == head
+    # cot=True: no markers, no latents, every step
+    cot = lay.train_example(REC, stage, cot=True)
+    assert cot["input_ids"] == q + [t for st in steps for t in st] + ans
+    assert cot["labels"] == [IGNORE] * len(q) + [t for st in steps for t in st] + ans
+    assert lay.prompt(REC, stage, cot=True) == q
+
+
+def test_layout_past_max_stage_and_padding(word_tokenizer):
+    tok = word_tokenizer
+    lt = tok.convert_tokens_to_ids(LATENT)
+    short = Record(question="Ann has 4 pens.", steps=("<<4+1=5>>",), answer="5")
+    # max_latent_stage=2, stage 3 > max: all steps removed, min(n_steps, max) * c slots
+    lay = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=2))
+    ex = lay.train_example(REC, 3)
+    assert ex["input_ids"].count(lt) == 4 and _ids(tok, "<<")[0] not in ex["input_ids"]
+    assert lay.train_example(short, 3)["input_ids"].count(lt) == 2
+    assert lay.prompt(short, 3).count(lt) == 2
+    # training inside the curriculum: stage * c slots even past the record's number of steps
+    assert lay.train_example(short, 2)["input_ids"].count(lt) == 4
+    assert lay.prompt(short, 2).count(lt) == 2  # eval rule: min(n_steps, stage) * c
+    padded = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=2, pad_latent_to_max=True))
+    assert padded.train_example(short, 3)["input_ids"].count(lt) == 4
+    assert padded.prompt(short, 3).count(lt) == 4
+    assert padded.prompt(short, 2).count(lt) == 4
+
+
+def test_layout_uniform_prob(word_tokenizer):
+    tok = word_tokenizer
+    lt = tok.convert_tokens_to_ids(LATENT)
+    lay = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3, uniform_prob=1.0))
+    base = {k: len(lay.train_example(REC, k)["input_ids"]) for k in range(4)}
+    seen = []
+    for seed in range(40):
+        ex = lay.train_example(REC, 1, rng=random.Random(seed))
+        n = ex["input_ids"].count(lt)
+        assert n % 2 == 0 and 0 <= n // 2 <= len(REC.steps)
+        k = n // 2
+        assert ex == lay.train_example(REC, k), "stage drawn uniformly must lay out exactly like stage k"
+        assert len(ex["input_ids"]) == base[k]
+        seen.append(k)
+    assert set(seen) == {0, 1, 2, 3}
+    # same rng seed -> same draw
+    assert lay.train_example(REC, 1, rng=random.Random(5)) == lay.train_example(REC, 1, rng=random.Random(5))
+    # without an rng the scheduled stage is used
+    assert lay.train_example(REC, 1)["input_ids"].count(lt) == 2
+
+
+def test_layout_no_cot(word_tokenizer):
+    tok = word_tokenizer
+    lay = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3, mode="no_cot"))
+    q = _ids(tok, "Tom has 3 apples .\n")
+    ans = _ids(tok, "### 9") + [tok.eos_token_id]
+    for stage in (0, 2, 5):
+        ex = lay.train_example(REC, stage)
+        assert ex["input_ids"] == q + ans
+        assert ex["labels"] == [IGNORE] * len(q) + ans
+        assert lay.prompt(REC, stage) == q
+
+
+def test_layout_pause_as_thought(word_tokenizer):
+    tok = word_tokenizer
+    co = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3))
+    pa = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3, mode="pause_as_thought"))
+    for stage in range(4):
+        assert pa.train_example(REC, stage) == co.train_example(REC, stage)
+        assert pa.prompt(REC, stage) == co.prompt(REC, stage)
+    lm = tiny_gpt2(len(tok), seed=5)
+    ids = torch.tensor([pa.train_example(REC, 2)["input_ids"]])
+    with torch.no_grad():
+        plain = lm(ids).logits
+        pause = LatentLM(lm, pa.latent_id, pa.start_id, pa.end_id, feedback=False)(ids).logits
+        latent = LatentLM(lm, pa.latent_id, pa.start_id, pa.end_id, feedback=True)(ids).logits
+    assert (pause - plain).abs().max().item() < 1e-5
+    assert (latent - plain).abs().max().item() > 1e-3
+
+
+def test_layout_too_long(word_tokenizer):
+    lay = Layout(word_tokenizer, CurriculumConfig(c_thought=2, max_latent_stage=3), max_length=20)
+    n = len(lay.train_example(REC, 3)["input_ids"])
+    assert n <= 20
+    with pytest.raises(BadRow) as err:
+        lay.train_example(REC, 0)
+    assert err.value.reason == "too_long"
+    exact = Layout(word_tokenizer, CurriculumConfig(c_thought=2, max_latent_stage=3), max_length=n)
+    exact.train_example(REC, 3)  # exactly max_length is fine
+    with pytest.raises(BadRow):
+        Layout(word_tokenizer, CurriculumConfig(c_thought=2, max_latent_stage=3), max_length=n - 1).train_example(REC, 3)
+
+
+def test_add_latent_tokens_initialises_from_calc_token():
+    tok = build_word_tokenizer(synthetic_vocabulary(SyntheticConfig()))
+    n0 = len(tok)
+    lm = tiny_gpt2(n0, seed=6)
+    ids = add_latent_tokens(tok, lm)
+    assert sorted(ids.values()) == [n0, n0 + 1, n0 + 2]
+    w = lm.get_input_embeddings().weight
+    assert w.shape[0] == n0 + 3
+    src = tok.convert_tokens_to_ids("<<")
+    for i in ids.values():
+        assert torch.equal(w[i], w[src])
+    assert torch.equal(lm.get_output_embeddings().weight, w)
+    # idempotent
+    assert add_latent_tokens(tok, lm) == ids and lm.get_input_embeddings().weight.shape[0] == n0 + 3
