@@ -110,7 +110,11 @@ class PhaseSummary(L.Callback):
             row[f"{key}_pass@1"] = p
             row[f"{key}_n"] = n
             row[f"{key}_ci95"] = 1.96 * math.sqrt(p * (1 - p) / max(n, 1))
-            pl_module.log(f"phase/{name}/{key}_pass@1", p)
+            if name == "start":  # self.log() is refused in on_fit_start: write to the loggers directly
+                for lg in trainer.loggers:
+                    lg.log_metrics({f"phase/{name}/{key}_pass@1": p}, step=trainer.global_step)
+            else:
+                pl_module.log(f"phase/{name}/{key}_pass@1", p)
         now = time.perf_counter()
         row["seconds"] = round(now - self._phase_t0, 2)
         self._phase_t0 = now

@@ -106,11 +106,14 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation: greedy pass@1 with the perturbation off, plus pass@k / maj@k over ``k`` perturbed
-    rollouts when ``k > 1``."""
+    """Evaluation: greedy pass@1 with the perturbation off, plus pass@k / maj@k over ``k`` perturbed,
+    sampled rollouts when ``k > 1``. ``perturb`` fixes the sampler of those k rollouts (None: the run's
+    own), so that arms can be compared under one evaluation sampler."""
 
     max_new_tokens: int = 48
     k: int = 0
+    temperature: float = 1.0
+    perturb: PerturbConfig | None = None
 
 
 def trainable_masks(model: torch.nn.Module, spec: str | None) -> list[tuple[torch.nn.Parameter, Tensor]]:
@@ -207,6 +210,7 @@ class LatentReasoner(L.LightningModule):
         feedback = curriculum.mode != "pause_as_thought"
         self.model = LatentLM(lm, self.layout.latent_id, self.layout.start_id, self.layout.end_id, feedback)
         self.perturber = Perturber(lm, perturb)
+        self.eval_perturber = Perturber(lm, evaluation.perturb) if evaluation.perturb is not None else self.perturber
         self.reward_fn = get_reward(grpo.reward)
         self._ref: LatentLM | None = None  # frozen GRPO reference: not a submodule, not in the optimiser
         self._ref_state: dict | None = None
@@ -496,8 +500,7 @@ class LatentReasoner(L.LightningModule):
     def sample_answers(self, records: list[Record], stage: int, k: int) -> list[list[str | None]]:
         """k perturbed, sampled rollouts per record (pass@k / maj@k), seeds independent of training."""
         seeds = torch.tensor([rollout_seed(self.seed + 7919, -1, r.idx, j) for r in records for j in range(k)])
-        temp = self.rollout_temperature
-        rb = rollout(self.model, self.perturber, self.layout, records, stage, seeds, k, temp,
+        rb = rollout(self.model, self.eval_perturber, self.layout, records, stage, seeds, k, self.ecfg.temperature,
                      self.ecfg.max_new_tokens, self.reward_fn, self.tokenizer)
         return [rb.answers[i * k:(i + 1) * k] for i in range(len(records))]
 

@@ -1,0 +1,29 @@
+"""The ablation study: ``python experiments/ablate.py --out DIR [--seeds N] [--arms a b ...] [--budget default|tiny]``.
+
+Per seed: one Coconut checkpoint (experiments/configs/synthetic/coconut.yaml), then every arm from it
+with the same budget; the diversity curve first. Writes DIR/results.csv, DIR/results.md,
+DIR/pass1_per_arm.png, DIR/training_curves.png, DIR/diversity.csv, DIR/diversity.png; all runs log to
+DIR/tb (one TensorBoard root). A rerun with the same --out skips finished cells.
+"""
+import argparse
+import logging
+
+from lightning_latent.study import ARMS, BUDGETS, Study
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (reuse it to resume)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--budget", default="default", choices=sorted(BUDGETS))
+    ap.add_argument("--no-diversity", action="store_true", help="skip the diversity curve")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    study = Study(a.out, seeds=a.seeds, arms=tuple(a.arms), budget=a.budget, diversity=not a.no_diversity)
+    study.report() if a.report_only else study.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""The ablation study: per seed one Coconut checkpoint, then every arm from it with the same budget.
+
+Every run is an ordinary ``experiments/run.py`` process (so every number here can be rerun by hand),
+logging to one TensorBoard root ``OUT/tb``. A cell (a Coconut checkpoint, an arm's training, a test
+evaluation) writes ``OUT/cells/<cell>.json`` when it finishes; a rerun with the same ``--out`` skips
+finished cells and restarts unfinished ones from scratch.
+
+Protocol (DESIGN.md section 2): each GRPO run keeps its best checkpoint by validation greedy pass@1;
+test numbers (greedy pass@1 with the perturbation off, pass@k and maj@k over k rollouts under ONE
+evaluation sampler shared by all arms) are reported with the evaluation size, 95% intervals over
+seeds, and paired differences on the same test problems.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .metrics import majority_vote, pass_at_k
+from .rl.rewards import answers_equal
+
+log = logging.getLogger("lightning_latent.study")
+
+ARMS = ("none", "temperature", "dropout_per_step", "gaussian", "dropout_shared", "sft_continue")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "experiments" / "configs" / "synthetic"
+RUN = ROOT / "experiments" / "run.py"
+
+# Student-t 0.975 quantiles for small numbers of seeds (df = seeds - 1).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    if df <= 0:
+        return float("nan")
+    keys = sorted(_T975)
+    for k in keys:
+        if df <= k:
+            return _T975[k]
+    return 1.96
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of a 95% t-interval (nan with one value)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, t975(n - 1) * sd / math.sqrt(n)
+
+
+@dataclass
+class Budget:
+    """What one cell costs. ``common`` args go to every run (e.g. a smaller model for tests)."""
+
+    grpo_steps: int = 200
+    val_interval: int = 50
+    val_limit: int = 500
+    test_limit: int = 2000
+    k: int = 8
+    eval_p: float = 0.1  # the shared evaluation sampler: dropout_shared at this p, answers at T=1
+    diversity_prompts: int = 128
+    coconut_args: list[str] = field(default_factory=list)
+    common: list[str] = field(default_factory=list)
+
+
+BUDGETS = {
+    "default": Budget(),
+    "tiny": Budget(grpo_steps=2, val_interval=1, val_limit=8, test_limit=8, k=2, diversity_prompts=4,
+                   coconut_args=["--model.schedule",
+                                 '[{"kind":"cot","steps":2},{"kind":"coconut","steps":1,"stages":[1,2,3]}]'],
+                   common=["--model.model.n_layer", "1", "--model.model.n_embd", "32", "--model.model.n_head", "2",
+                           "--model.grpo_prompts", "2", "--model.grpo.group_size", "2", "--model.batch_size", "8",
+                           "--model.grpo.max_new_tokens", "6", "--model.evaluation.max_new_tokens", "8",
+                           "--data.eval_batch_size", "8"]),
+}
+
+
+class Study:
+    def __init__(self, out: str | Path, seeds: int = 5, arms: tuple[str, ...] = ARMS, budget: str | Budget = "default",
+                 diversity: bool = True):
+        for a in arms:
+            if a not in ARMS:
+                raise ValueError(f"unknown arm {a!r}; choose from {ARMS}")
+        if seeds < 1:
+            raise ValueError(f"--seeds {seeds} must be >= 1")
+        self.out = Path(out)
+        self.seeds, self.arms, self.diversity = seeds, tuple(arms), diversity
+        self.budget = BUDGETS[budget] if isinstance(budget, str) else budget
+        self.tb = self.out / "tb"
+        self.cells = self.out / "cells"
+        self.cells.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()
+
+    # -- running cells ------------------------------------------------------------------------------
+    def _done(self, cell: str) -> dict | None:
+        f = self.cells / f"{cell}.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def _finish(self, cell: str, result: dict) -> dict:
+        (self.cells / f"{cell}.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    def _run(self, args: list[str], name: str, version: str, cell: str) -> Path:
+        vdir = self.tb / name / version
+        if vdir.exists():  # an unfinished earlier attempt: start the cell again from scratch
+            shutil.rmtree(vdir)
+        cmd = [sys.executable, str(RUN), *args, "--trainer.logger.init_args.save_dir", str(self.tb),
+               "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", version,
+               "--trainer.enable_progress_bar", "false"]
+        logf = self.cells / f"{cell}.log"
+        log.info("cell %s: %s", cell, " ".join(cmd))
+        with open(logf, "w") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=self.out,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if p.returncode != 0:
+            raise RuntimeError(f"cell {cell} failed (exit {p.returncode}); see {logf}")
+        return vdir
+
+    def _seed_args(self, seed: int) -> list[str]:
+        return ["--seed_everything", str(seed), "--data.seed", str(seed), *self.budget.common]
+
+    def coconut(self, seed: int) -> str:
+        cell = f"coconut_s{seed}"
+        done = self._done(cell)
+        if done:
+            return done["ckpt"]
+        b = self.budget
+        vdir = self._run(["fit", "--config", str(CONFIGS / "coconut.yaml"), *self._seed_args(seed), *b.coconut_args,
+                          "--data.val_limit", str(b.val_limit)], "coconut", f"seed{seed}", cell)
+        ckpt = vdir / "checkpoints" / "last.ckpt"
+        return self._finish(cell, {"ckpt": str(ckpt), "seconds": None})["ckpt"]
+
+    def train_arm(self, seed: int, arm: str, start: str) -> dict:
+        cell = f"train_{arm}_s{seed}"
+        done = self._done(cell)
+        if done:
+            return done
+        b = self.budget
+        args = ["fit", "--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm}.yaml"),
+                *self._seed_args(seed), "--model.init_from", start, "--data.val_limit", str(b.val_limit),
+                "--trainer.val_check_interval", str(b.val_interval),
+                "--checkpoint.monitor", "val/pass@1", "--checkpoint.mode", "max", "--checkpoint.save_top_k", "1",
+                "--checkpoint.every_n_train_steps", "null", "--checkpoint.filename", "best"]
+        kind = "sft" if arm == "sft_continue" else "grpo"
+        extra = {"batch_size": 16, "lr": 1.0e-4} if kind == "sft" else {}
+        sched = [{"kind": kind, "steps": b.grpo_steps, "name": arm, **extra}]
+        args += ["--model.schedule", json.dumps(sched)]
+        t = time.perf_counter()
+        vdir = self._run(args, arm, f"seed{seed}", cell)
+        best = vdir / "checkpoints" / "best.ckpt"
+        curves = read_scalars(vdir, ("grpo/frac_zero_std", "grpo/reward_mean", "grpo/frac_all_correct",
+                                     "grpo/frac_all_wrong", "grpo/frac_mixed", "val/pass@1"))
+        fz = curves.get("grpo/frac_zero_std", [])
+        return self._finish(cell, {"ckpt": str(best if best.exists() else vdir / "checkpoints" / "last.ckpt"),
+                                   "frac_zero_std": sum(v for _, v in fz) / len(fz) if fz else float("nan"),
+                                   "curves": curves, "seconds": round(time.perf_counter() - t, 1)})
+
+    def evaluate(self, seed: int, tag: str, ckpt: str, arm_cfg: str | None) -> dict:
+        cell = f"test_{tag}_s{seed}"
+        done = self._done(cell)
+        if done:
+            return done
+        b = self.budget
+        cfgs = ["--config", str(CONFIGS / "coconut.yaml")] if arm_cfg is None else \
+            ["--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm_cfg}.yaml")]
+        args = ["test", *cfgs, *self._seed_args(seed), "--ckpt_path", ckpt, "--data.test_limit", str(b.test_limit),
+                "--model.evaluation.k", str(b.k), "--model.evaluation.temperature", "1.0",
+                "--model.evaluation.perturb", json.dumps({"arm": "dropout_shared", "p": b.eval_p})]
+        if arm_cfg is None:
+            args += b.coconut_args
+        vdir = self._run(args, f"test_{tag}", f"seed{seed}", cell)
+        rows = [json.loads(line) for line in (vdir / "predictions_test.jsonl").read_text().splitlines()]
+        return self._finish(cell, score(rows, b.k))
+
+    # -- the study -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        first = self.coconut(0)
+        if self.diversity and not (self.out / "diversity.csv").exists():
+            self.run_diversity(first)
+        for s in range(self.seeds):
+            start = self.coconut(s)
+            self.evaluate(s, "coconut", start, None)
+            for arm in self.arms:
+                tr = self.train_arm(s, arm, start)
+                self.evaluate(s, arm, tr["ckpt"], arm)
+        self.report()
+
+    def run_diversity(self, ckpt: str) -> None:
+        from .data.synthetic import synthetic_record
+        from .diversity import default_settings, measure
+        from .module import LatentReasoner
+
+        module = LatentReasoner.load_from_checkpoint(ckpt, map_location="cpu")
+        cfg = module.hparams["synthetic"]
+        recs = [synthetic_record(cfg, "validation", i) for i in range(self.budget.diversity_prompts)]
+        rows = measure(module, recs, default_settings(), k=8)
+        write_csv(self.out / "diversity.csv", rows)
+        plot_diversity(rows, self.out / "diversity.png")
+
+    def report(self) -> None:
+        results, per_problem = [], {}
+        for s in range(self.seeds):
+            c = self._done(f"test_coconut_s{s}")
+            if c:
+                results.append({"arm": "coconut_start", "seed": s, **_summ(c), "frac_zero_std": float("nan")})
+                per_problem[("coconut_start", s)] = c["correct"]
+            for arm in self.arms:
+                r, tr = self._done(f"test_{arm}_s{s}"), self._done(f"train_{arm}_s{s}")
+                if r and tr:
+                    results.append({"arm": arm, "seed": s, **_summ(r), "frac_zero_std": tr["frac_zero_std"]})
+                    per_problem[(arm, s)] = r["correct"]
+        cols = ["arm", "seed", "pass@1", f"maj@{self.budget.k}", f"pass@{self.budget.k}", "frac_zero_std", "n_eval"]
+        write_csv(self.out / "results.csv", [{c: r[c] for c in cols} for r in results])
+        self._write_md(results, per_problem, cols)
+        self._plots(results)
+
+    def _write_md(self, results: list[dict], per_problem: dict, cols: list[str]) -> None:
+        k = self.budget.k
+        lines = ["# Ablation results (synthetic task)", "",
+                 f"Seeds: {self.seeds}; test problems per evaluation: {results[0]['n_eval'] if results else 0}; "
+                 f"GRPO steps per arm: {self.budget.grpo_steps}; pass@{k} / maj@{k} under one evaluation sampler "
+                 f"(dropout_shared p={self.budget.eval_p}, T=1). Intervals: 95% t-intervals over seeds.", "",
+                 f"| arm | seeds | pass@1 | maj@{k} | pass@{k} | frac_zero_std (train) |", "|---|---|---|---|---|---|"]
+        for arm in ("coconut_start", *self.arms):
+            rs = [r for r in results if r["arm"] == arm]
+            if not rs:
+                continue
+            cells = []
+            for c in ("pass@1", f"maj@{k}", f"pass@{k}"):
+                m, h = mean_ci([r[c] for r in rs])
+                cells.append(f"{100 * m:.1f} ± {100 * h:.1f}" if not math.isnan(h) else f"{100 * m:.1f}")
+            fz = [r["frac_zero_std"] for r in rs if not math.isnan(r["frac_zero_std"])]
+            lines.append(f"| {arm} | {len(rs)} | {' | '.join(cells)} | {sum(fz) / len(fz):.2f} |" if fz else
+                         f"| {arm} | {len(rs)} | {' | '.join(cells)} | - |")
+        lines += ["", "## Paired differences in test pass@1 (same problems, percentage points)", "",
+                  "Per seed: mean of per-problem differences ± 1.96 SE; across seeds: mean ± 95% t-interval.", "",
+                  "| comparison | per seed | across seeds |", "|---|---|---|"]
+        for base in ("temperature", "coconut_start"):
+            for arm in self.arms:
+                if arm == base:
+                    continue
+                diffs, per_seed = [], []
+                for s in range(self.seeds):
+                    a, b = per_problem.get((arm, s)), per_problem.get((base, s))
+                    if a is None or b is None:
+                        continue
+                    d = [x - y for x, y in zip(a, b)]
+                    m = sum(d) / len(d)
+                    sd = math.sqrt(sum((v - m) ** 2 for v in d) / max(len(d) - 1, 1))
+                    per_seed.append(f"s{s}: {100 * m:+.1f} ± {100 * 1.96 * sd / math.sqrt(len(d)):.1f}")
+                    diffs.append(m)
+                if diffs:
+                    m, h = mean_ci(diffs)
+                    across = f"{100 * m:+.1f} ± {100 * h:.1f}" if not math.isnan(h) else f"{100 * m:+.1f}"
+                    lines.append(f"| {arm} − {base} | {'; '.join(per_seed)} | {across} |")
+        lines += ["", f"Wall time of this invocation: {time.perf_counter() - self.t0:.0f} s."]
+        (self.out / "results.md").write_text("\n".join(lines) + "\n")
+
+    def _plots(self, results: list[dict]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        arms = [a for a in ("coconut_start", *self.arms) if any(r["arm"] == a for r in results)]
+        if not arms:
+            return
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for i, a in enumerate(arms):
+            vals = [100 * r["pass@1"] for r in results if r["arm"] == a]
+            m, h = mean_ci([v / 100 for v in vals])
+            ax.bar(i, 100 * m, yerr=None if math.isnan(h) else 100 * h, capsize=4, color="C0" if a != "coconut_start" else "C7")
+            ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
+        ax.set_xticks(range(len(arms)), arms, rotation=20)
+        ax.set_ylabel("test pass@1 (%)")
+        ax.set_title("Test greedy pass@1 per arm (bars: mean, 95% CI over seeds; dots: seeds)")
+        fig.tight_layout()
+        fig.savefig(self.out / "pass1_per_arm.png", dpi=120)
+        plt.close(fig)
+        names = ("grpo/reward_mean", "grpo/frac_all_correct", "grpo/frac_all_wrong", "grpo/frac_mixed")
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+        for arm in self.arms:
+            trs = [self._done(f"train_{arm}_s{s}") for s in range(self.seeds)]
+            trs = [t for t in trs if t]
+            for ax, n in zip(axes, names):
+                series = [t["curves"].get(n, []) for t in trs if t["curves"].get(n)]
+                if not series:
+                    continue
+                steps = [s for s, _ in series[0]]
+                mean = [sum(ser[i][1] for ser in series if i < len(ser)) / len(series) for i in range(len(steps))]
+                ax.plot(steps, mean, label=arm)
+        for ax, n in zip(axes, names):
+            ax.set_title(n)
+            ax.set_xlabel("step")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(self.out / "training_curves.png", dpi=120)
+        plt.close(fig)
+
+
+def _summ(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "correct"}
+
+
+def score(rows: list[dict], k: int) -> dict:
+    """pass@1 (greedy), pass@k and maj@k (over the k sampled rollouts) from a predictions file."""
+    correct = [1.0 if r["correct"] else 0.0 for r in rows]
+    out = {"pass@1": sum(correct) / len(rows), "n_eval": len(rows), "correct": correct}
+    if rows and "samples" in rows[0]:
+        pk = [pass_at_k(len(r["samples"]), sum(answers_equal(a, r["gold"]) for a in r["samples"]), k) for r in rows]
+        mk = [answers_equal(majority_vote(r["samples"][:k]), r["gold"]) for r in rows]
+        out[f"pass@{k}"] = sum(pk) / len(rows)
+        out[f"maj@{k}"] = sum(mk) / len(rows)
+    else:
+        out[f"pass@{k}"] = out[f"maj@{k}"] = float("nan")
+    return out
+
+
+def read_scalars(logdir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    ea.Reload()
+    have = set(ea.Tags()["scalars"])
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in tags if t in have}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_diversity(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("frac_zero_std", "distinct_answers")):
+        for scope in ("latent", "all"):
+            for ans in sorted({r["answers"] for r in rows}):
+                sel = [r for r in rows if r["arm"] == "dropout_shared" and r["scope"] == scope and r["answers"] == ans]
+                if sel:
+                    ax.plot([r["strength"] for r in sel], [r[metric] for r in sel], marker="o",
+                            label=f"dropout_shared, {scope}, {ans}")
+        for arm, mk in (("dropout_per_step", "s"), ("gaussian", "^")):
+            sel = [r for r in rows if r["arm"] == arm]
+            for ans in sorted({r["answers"] for r in sel}):
+                ss = [r for r in sel if r["answers"] == ans]
+                ax.scatter([r["strength"] for r in ss], [r[metric] for r in ss], marker=mk, label=f"{arm}, {ans}")
+        ax.set_xlabel("p (dropout) / noise scale (gaussian)")
+        ax.set_ylabel(metric)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Rollout diversity against perturbation strength (K=8, validation prompts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,61 @@
+"""The ablation driver on a tiny budget: every file written, a rerun skips finished cells."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_latent.study import mean_ci, score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_score_and_intervals_by_hand():
+    rows = [{"correct": True, "gold": "3", "samples": ["3", "4"]},
+            {"correct": False, "gold": "5", "samples": ["4", "4"]},
+            {"correct": False, "gold": "7", "samples": ["7", "1"]}]
+    s = score(rows, 2)
+    assert s["pass@1"] == pytest.approx(1 / 3) and s["n_eval"] == 3
+    # pass@2 with n=2: 1 if any sample correct -> problems 1 and 3
+    assert s["pass@2"] == pytest.approx(2 / 3)
+    # maj@2: ties go to the first-seen answer -> "3" (correct), "4" (wrong), "7" (correct)
+    assert s["maj@2"] == pytest.approx(2 / 3)
+    m, h = mean_ci([0.2, 0.4])
+    assert m == pytest.approx(0.3) and h == pytest.approx(12.706 * 0.14142135623730953 / 2 ** 0.5)
+
+
+@pytest.mark.slow
+def test_ablate_tiny_writes_everything_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(ROOT / "experiments" / "ablate.py"), "--out", str(out), "--seeds", "1",
+           "--budget", "tiny", "--arms", "none", "dropout_shared", "sft_continue"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    for f in ("results.csv", "results.md", "pass1_per_arm.png", "training_curves.png", "diversity.csv",
+              "diversity.png"):
+        assert (out / f).exists() and (out / f).stat().st_size > 0, f
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["arm"] for r in rows} == {"coconut_start", "none", "dropout_shared", "sft_continue"}
+    for r in rows:
+        assert set(r) >= {"arm", "seed", "pass@1", "maj@2", "pass@2", "frac_zero_std", "n_eval"}
+        assert r["n_eval"] == "8"
+    none = next(r for r in rows if r["arm"] == "none")
+    assert float(none["frac_zero_std"]) == 1.0  # greedy, unperturbed: every group collapses
+    div = list(csv.DictReader(open(out / "diversity.csv")))
+    zero = [r for r in div if r["arm"] == "dropout_shared" and float(r["strength"]) == 0.0 and r["answers"] == "greedy"]
+    assert zero and all(float(r["frac_zero_std"]) == 1.0 for r in zero)
+    assert (out / "tb" / "dropout_shared" / "seed0").is_dir()
+    md = (out / "results.md").read_text()
+    assert "dropout_shared − temperature" not in md and "dropout_shared − coconut_start" in md
+    # Rerun: every cell is skipped (no new run directories, nothing retrained).
+    before = sorted(p.name for p in (out / "cells").glob("*.json"))
+    mtimes = {p: p.stat().st_mtime for p in (out / "cells").glob("*.json")}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert sorted(p.name for p in (out / "cells").glob("*.json")) == before
+    assert all(p.stat().st_mtime == t for p, t in mtimes.items())
