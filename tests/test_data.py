@@ -374,9 +374,10 @@ def test_synthetic_source_sizes_and_rank_split():
 def test_synthetic_tokenizer_round_trip(tmp_path):
     from transformers import AutoTokenizer
 
-    cfg = SyntheticConfig(min_steps=1, max_steps=5, max_number=99)
+    cfg = SyntheticConfig(min_steps=1, max_steps=5, max_number=99, max_value=999)
     vocab = synthetic_vocabulary(cfg)
     assert len(vocab) == len(set(vocab)) and "\n" in vocab and "###" in vocab and "999" in vocab
+    assert "100" not in synthetic_vocabulary(SyntheticConfig())  # default max_value 99
     tok = build_word_tokenizer(vocab)
     assert (tok.pad_token, tok.eos_token, tok.unk_token) == ("<|pad|>", "<|eos|>", "<|unk|>")
     tok.save_pretrained(tmp_path)

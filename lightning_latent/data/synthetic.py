@@ -12,7 +12,7 @@ with steps ``<<12+7=19>>``, ``<<19-5=14>>``, ``<<14*2=28>>`` and answer ``28``.
 * Every problem belongs to exactly one split, decided by a SHA-256 of its question text (independent
   of ``cfg.seed``); generation rejection-samples until the problem falls in the requested split, so
   the same question can never appear in two splits, whatever the seeds.
-* All numbers (operands, intermediates, answer) are non-negative integers <= :data:`MAX_VALUE`;
+* All numbers (operands, intermediates, answer) are non-negative integers <= ``cfg.max_value`` (at most :data:`MAX_VALUE`);
   multiplication is by 2..4 only.
 * Text tokenises with :data:`TOKEN_PATTERN` into words of :func:`synthetic_vocabulary` only.
 """
@@ -62,6 +62,7 @@ class SyntheticConfig:
     min_steps: int = 3
     max_steps: int = 3
     max_number: int = 40
+    max_value: int = 99  # every intermediate and the answer stay in 0..max_value (a problem is redrawn otherwise)
     operators: str = "+-*"
     names: tuple[str, ...] = ("Tom", "Ann", "Sam", "Mia")
     items: tuple[str, ...] = ("apples", "pens", "cards", "coins")
@@ -71,6 +72,8 @@ class SyntheticConfig:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if not 1 <= self.max_number <= MAX_VALUE:
             raise ValueError(f"max_number must be in 1..{MAX_VALUE}, got {self.max_number}")
+        if not self.max_number <= self.max_value <= MAX_VALUE:
+            raise ValueError(f"max_value must be in max_number..{MAX_VALUE}, got {self.max_value}")
         if not self.operators or set(self.operators) - set("+-*"):
             raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
         for w in (*self.names, *self.items):
@@ -95,7 +98,7 @@ def split_of_question(question: str) -> str:
 
 
 def _draw(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...], str] | None:
-    """One candidate problem, or None when a value leaves 0..MAX_VALUE (caller resamples)."""
+    """One candidate problem, or None when a value leaves 0..cfg.max_value (caller resamples)."""
     name = rng.choice(cfg.names)
     item = rng.choice(cfg.items)
     value = rng.randint(1, cfg.max_number)
@@ -115,7 +118,7 @@ def _draw(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...
             b = rng.randint(2, 4)
             result = value * b
             sentences.append(_MUL_TEMPLATE.format(name=name, verb=_MUL_WORDS[b]))
-        if not 0 <= result <= MAX_VALUE:
+        if not 0 <= result <= cfg.max_value:
             return None
         steps.append(f"<<{value}{op}{b}={result}>>")
         value = result
@@ -143,7 +146,7 @@ def synthetic_record(cfg: SyntheticConfig, split: str, i: int) -> Record:
 def synthetic_vocabulary(cfg: SyntheticConfig) -> list[str]:
     """Every token :data:`TOKEN_PATTERN` can produce on synthetic text (and the layout's ``\\n``).
 
-    Words of the templates, names and items, punctuation, the numbers ``"0".."999"``, the equation
+    Words of the templates, names and items, punctuation, the numbers ``"0"..str(cfg.max_value)``, the equation
     symbols ``<< >> + - * =``, the answer marker ``###`` and the step separator ``"\\n"``. Sorted order
     is fixed: words, then symbols, then numbers, so ids are stable for a given config.
     """
@@ -153,4 +156,4 @@ def synthetic_vocabulary(cfg: SyntheticConfig) -> list[str]:
         words.update(re.findall(TOKEN_PATTERN, re.sub(r"\{\w+\}", " ", t)))
     symbols = ["<<", ">>", "+", "-", "*", "=", "###", ".", "?", "\n"]
     words -= set(symbols)
-    return sorted(words) + symbols + [str(n) for n in range(MAX_VALUE + 1)]
+    return sorted(words) + symbols + [str(n) for n in range(cfg.max_value + 1)]
