@@ -18,12 +18,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from lightning_latent.data.layout import CurriculumConfig, Layout
-from lightning_latent.data.synthetic import SyntheticConfig, synthetic_record
-from lightning_latent.model.build import ModelConfig, build_model, build_tokenizer
-from lightning_latent.model.latent_lm import LatentLM
+# lightning_latent / transformers are imported inside the functions that need them, so that a parent
+# process that only spawns workers (ddp.py) starts quickly.
 
 SHAPES = ("default", "gpt2-small")
 DTYPES = ("fp32", "bf16")
@@ -133,9 +130,9 @@ def matmul_peak_flops(dtype: str, n: int = 1024, repeats: int = 5) -> float:
 @dataclass
 class Setup:
     shapes: str
-    model: LatentLM
+    model: "torch.nn.Module"  # LatentLM
     lm: torch.nn.Module
-    layout: Layout  # the synthetic layout (its ids are remapped for gpt2-small by ``remap``)
+    layout: object  # Layout: the synthetic layout (its ids are remapped for gpt2-small by ``remap``)
     latent_id: int
     start_id: int
     end_id: int
@@ -165,6 +162,12 @@ def build_setup(shapes: str, seed: int = 0, n_latent: int = 6) -> Setup:
     by ``n_latent`` thoughts); training examples use the same config at stage 1 (the remaining steps and
     the answer are supervised text).
     """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_latent.data.layout import CurriculumConfig, Layout
+    from lightning_latent.model.build import ModelConfig, build_model, build_tokenizer
+    from lightning_latent.model.latent_lm import LatentLM
+
     torch.manual_seed(seed)
     tok = build_tokenizer(ModelConfig())
     cfg = CurriculumConfig(c_thought=n_latent, max_latent_stage=1)
@@ -198,11 +201,15 @@ def build_setup(shapes: str, seed: int = 0, n_latent: int = 6) -> Setup:
 
 
 def records(n: int, seed: int = 0, offset: int = 0):
+    from lightning_latent.data.synthetic import SyntheticConfig, synthetic_record
+
     cfg = SyntheticConfig(seed=seed)
     return [synthetic_record(cfg, "train", offset + i) for i in range(n)]
 
 
-def prompt_layout(setup: Setup, n_latent: int) -> Layout:
+def prompt_layout(setup: Setup, n_latent: int):
+    from lightning_latent.data.layout import CurriculumConfig, Layout
+
     return Layout(setup.layout.tok, CurriculumConfig(c_thought=n_latent, max_latent_stage=1))
 
 

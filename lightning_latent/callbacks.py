@@ -65,9 +65,19 @@ class PhaseSummary(L.Callback):
         self._t0 = time.perf_counter()
         self._phase_t0 = self._t0
 
+    # The rows of phases finished before a resume travel in the checkpoint.
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "elapsed": time.perf_counter() - self._t0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state.get("rows", []))
+        self._elapsed_before = float(state.get("elapsed", 0.0))
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._t0 = self._phase_t0 = time.perf_counter()
-        self.rows = []
+        self._t0 = self._phase_t0 = time.perf_counter() - getattr(self, "_elapsed_before", 0.0)
+        self._phase_t0 = time.perf_counter()
+        if getattr(pl_module, "step_count", 0) == 0:
+            self.rows = []
         if getattr(pl_module, "step_count", 0) == 0 and self._want_start_eval(pl_module):
             self._evaluate(trainer, pl_module, "start", stage_seg=pl_module.segments[0])
 

@@ -90,10 +90,16 @@ class HParamsSummary(L.Callback):
         self.write(trainer, pl_module)
 
     def hparams(self, trainer, pl_module) -> dict[str, Any]:
-        hp = flatten_hparams(dict(pl_module.hparams))
+        hp = flatten_hparams({k: v for k, v in dict(pl_module.hparams).items() if not k.startswith("_")})
         dm = trainer.datamodule
-        if dm is not None and getattr(dm, "hparams", None):
-            hp.update(flatten_hparams(dict(dm.hparams), "data."))
+        if dm is not None:
+            dm_hp = {k: v for k, v in dict(getattr(dm, "hparams", {}) or {}).items() if not k.startswith("_")}
+            if not dm_hp:  # no save_hyperparameters(): the constructor's arguments kept as attributes
+                import inspect
+
+                dm_hp = {k: getattr(dm, k) for k in inspect.signature(type(dm).__init__).parameters
+                         if k != "self" and hasattr(dm, k)}
+            hp.update(flatten_hparams(dm_hp, "data."))
         if os.environ.get("LL_OPTUNA_TRIAL"):
             hp["sweep.study"] = os.environ.get("LL_OPTUNA_STUDY", "")
             hp["sweep.trial"] = int(os.environ["LL_OPTUNA_TRIAL"])

@@ -149,6 +149,14 @@ def default_schedule() -> list[Phase]:
             Phase("grpo", steps=200, name="dropout_grpo")]
 
 
+# The hyperparameters saved in every checkpoint hold these config dataclasses. torch >= 2.6 loads with
+# ``weights_only=True`` by default (so does ``Trainer.fit(ckpt_path=...)`` / ``--ckpt_path``), which
+# refuses any class not allow-listed: without this, resuming from ``last.ckpt`` fails.
+torch.serialization.add_safe_globals(
+    [ModelConfig, CurriculumConfig, Phase, PerturbConfig, GRPOConfig, OptimConfig, EvalConfig, SyntheticConfig]
+)
+
+
 class LatentReasoner(L.LightningModule):
     """Coconut model + mask sampler + GRPO loss, trained through a schedule of phases.
 
@@ -284,8 +292,9 @@ class LatentReasoner(L.LightningModule):
         self.model.set_base_dropout(not is_grpo and self.mcfg.dropout > 0)
         if self.step_count == seg.start:
             opt.optimizer.state.clear() if hasattr(opt, "optimizer") else opt.state.clear()
-            if is_grpo and seg.first_of_phase:
+            if is_grpo and seg.first_of_phase:  # a new GRPO phase: its reference is its own start
                 self._ref_state = None
+                object.__setattr__(self, "_ref", None)
         if is_grpo and self.gcfg.beta > 0 and self._ref is None:
             self._make_reference()
 
@@ -298,7 +307,9 @@ class LatentReasoner(L.LightningModule):
         ref.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
-        self._ref = ref
+        # A plain attribute, not a registered submodule: the reference must stay out of state_dict (it is
+        # saved as ``grpo_reference``; a registered one makes resuming fail with unexpected ``_ref.*`` keys).
+        object.__setattr__(self, "_ref", ref)
         self._ref_perturber = Perturber(ref.lm, self.pcfg)
 
     # -- distributed helpers -------------------------------------------------------------------------------

@@ -241,3 +241,31 @@ def test_dropout_per_step_replays(setup):
     rb = run(model, pert, recs, temperature=1.0)
     with torch.no_grad():
         assert _answer_gap(replay_logprobs(model, pert, rb, 1.0)[0], rb) <= 1e-5
+
+
+def test_replay_treats_generated_latent_ids_as_tokens(setup):
+    """A sampled answer may contain the ``<|latent|>`` id; generation embeds it as an ordinary token,
+    and the replay must do the same (not feed back a thought there)."""
+    from lightning_latent.data.layout import collate_prompts
+    from lightning_latent.rl.rollout import RolloutBatch
+
+    lay, make, seeds, run, recs = setup
+    model = make(seed=5)
+    pert = Perturber(model.lm, PerturbConfig(arm="dropout_shared", p=0.2))
+    pb = collate_prompts([lay.prompt(r, STAGE) for r in recs[:2]], lay.pad_id)
+    ids, am = pb["input_ids"], pb["attention_mask"]
+    tokens = torch.tensor([[7, lay.latent_id, 9, lay.latent_id, lay.eos_id], [lay.latent_id, 8, lay.eos_id, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    sd = torch.tensor([123, 456])
+    with torch.no_grad():  # what generate computes for these tokens: cached, token embeddings
+        with pert.rows(sd):
+            out = model(ids, am, positions_from_mask(am), perturber=pert, return_cache=True)
+        am_full = torch.cat([am, mask], 1)
+        h = model._run(model.lm.get_input_embeddings()(tokens), am_full, positions_from_mask(am_full)[:, ids.shape[1]:],
+                       out.cache)
+        logits = torch.cat([out.logits[:, -1:], model.lm.get_output_embeddings()(h[:, :-1])], 1)
+        expected = sequence_logprobs(logits, tokens, 1.0) * mask
+    batch = RolloutBatch(ids, am, sd, tokens, expected, mask, torch.zeros(2, 1), [None, None], ["1", "2"], None)
+    with torch.no_grad():
+        logp, _ = replay_logprobs(model, pert, batch, 1.0)
+    assert _answer_gap(logp, batch) <= 1e-5

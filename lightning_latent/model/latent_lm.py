@@ -83,7 +83,8 @@ class LatentLM(nn.Module):
         logits_from: int = 0,
         return_cache: bool = False,
     ) -> LatentOutput:
-        """Run the recurrence. ``answer_from``: first answer column (scope ``latent`` leaves it unperturbed)."""
+        """Run the recurrence. ``answer_from``: first answer column (scope ``latent`` leaves it unperturbed;
+        latent ids from there on are ordinary tokens, as in :func:`generate`)."""
         n, t = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
@@ -94,6 +95,10 @@ class LatentLM(nn.Module):
         d = embeds.shape[-1]
         pert = perturber if (perturber is not None and perturber.enabled) else None
         is_lat = (input_ids == self.latent_id) if self.feedback else torch.zeros_like(input_ids, dtype=torch.bool)
+        if answer_from is not None:
+            # Answer columns are never thoughts: ``generate`` embeds a sampled ``<|latent|>`` id as an
+            # ordinary token, so the replay of that answer must too (else the log-probs differ).
+            is_lat[:, answer_from:] = False
         cache = DynamicCache(config=self.lm.config)
 
         ordinal = is_lat.long().cumsum(-1)  # latent ordinal (1-based) at and after each latent slot

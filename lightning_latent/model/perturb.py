@@ -152,6 +152,7 @@ class Perturber:
         self.cfg = cfg
         self._seeds: Tensor | None = None
         self._factors: dict[tuple[str, int], Tensor] = {}
+        self._masks: dict[tuple, Tensor] = {}  # step-independent masks of the active rows (see ``mask``)
         self._handles = []
         sites = residual_sites(model)  # also checks that the model has the hookable sites
         self.n_layers = len(sites["attn"])
@@ -168,11 +169,13 @@ class Perturber:
 
         def __enter__(self):
             self.outer._seeds = self.seeds
+            self.outer._masks = {}
             return self.outer
 
         def __exit__(self, *exc):
             self.outer._seeds = None
             self.outer._factors = {}
+            self.outer._masks = {}
             return False
 
     def rows(self, seeds: Tensor) -> "Perturber._Rows":
@@ -196,6 +199,15 @@ class Perturber:
         keys: tuple = (_SITE_IDS[site], layer)
         if self.cfg.arm == "dropout_per_step":
             keys = keys + (step.to(device),)
+        else:
+            # A shared mask does not depend on the step: build it once per ``rows`` activation instead of
+            # once per forward pass (the same tensor, bit for bit; callers never modify it in place).
+            ck = (site, layer, dim, str(device), dtype)
+            m = self._masks.get(ck)
+            if m is None:
+                keep = hash_uniform(seeds, keys, dim) >= self.cfg.p
+                m = self._masks[ck] = keep.to(dtype) / (1.0 - self.cfg.p)
+            return m
         keep = hash_uniform(seeds, keys, dim) >= self.cfg.p
         return keep.to(dtype) / (1.0 - self.cfg.p)
 

@@ -147,8 +147,16 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.max_retry = max_retry
         self.trial_timeout = trial_timeout
-        self.storage = make_storage(storage_url, heartbeat_interval, grace_period, max_retry)
-        self.study = open_study(cfg, self.storage, study_name)
+        for attempt in range(5):  # workers that start together race to create the tables / the study
+            try:
+                self.storage = make_storage(storage_url, heartbeat_interval, grace_period, max_retry)
+                self.study = open_study(cfg, self.storage, study_name)
+                break
+            except Exception as err:  # sqlalchemy OperationalError / IntegrityError
+                if attempt == 4:
+                    raise
+                log.warning("opening the study failed (%s); retrying", str(err).splitlines()[0])
+                time.sleep(1 + attempt)
         self.tb_dir = self.out / "tb"
         self.ran: list[int] = []
 
@@ -212,7 +220,8 @@ class Worker:
         env = trial_env(self.storage_url, self.study_name, number, self.cfg.metric, self.cfg.pruner)
         log.info("trial %d: %s", number, params)
         t0 = time.time()
-        rc = run_process(cmd, env, log_path, timeout_s=self.trial_timeout)
+        rc = run_process(cmd, env, log_path, timeout_s=self.trial_timeout,
+                         on_start=lambda proc: trial.set_user_attr("pid", proc.pid))
         trial.set_user_attr("returncode", rc)
         trial.set_user_attr("seconds", round(time.time() - t0, 2))
         ft = self.storage.get_trial(trial._trial_id)
@@ -350,6 +359,9 @@ def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storag
                 importances = optuna.importance.get_param_importances(study)
         except Exception as err:  # too few trials, or no variation
             lines += [f"Parameter importances: not available ({err}).", ""]
+        if len(complete) < 2:
+            importances = {}
+            lines += ["Parameter importances: need at least 2 completed trials.", ""]
         if importances:
             lines += ["## Parameter importances", "",
                       _md_table(["parameter", "importance"], [[k, v] for k, v in importances.items()]), ""]
@@ -430,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[sweep %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     cfg = load_sweep_config(args.config, args.set, args.init_from)
     study_name = args.study_name or Path(args.config).stem
     out = Path(args.out or Path("sweeps") / "out" / study_name).resolve()
@@ -446,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)  # also when started with SIGINT ignored (a background job)
     rc = 0
     try:
         if args.follow or args.node_rank > 0:
