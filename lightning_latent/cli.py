@@ -43,6 +43,12 @@ class LatentCLI(LightningCLI):
         parser.link_arguments("data.synthetic", "model.synthetic", apply_on="instantiate")
         parser.link_arguments("data.seed", "model.seed", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning 2.6 would overwrite the command line with the checkpoint's hyperparameters (so
+        # `test --ckpt_path X --model.evaluation.k 8` would silently run with k=0). Here the command
+        # line is the truth: give `--ckpt_path` runs the same --config the checkpoint was trained with.
+        return None
+
     def _instantiate_trainer(self, config, callbacks):
         # Always on: the environment record and the phase-end summary (not optional, unlike checkpoint.*).
         # HParamsSummary: hyperparameters + final metrics for TensorBoard's HParams tab; a sweep trial

@@ -66,7 +66,7 @@ def test_fit_writes_version_dir_and_summary_then_resumes(tmp_path):
     for r in summary["phases"]:
         assert r["test_n"] == 16 and 0.0 <= r["test_pass@1"] <= 1.0 and "test_ci95" in r
     ck = torch.load(v0 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ck["schedule_state"]["step_count"] == 8 and ck["schedule_state"]["kind"] == "grpo"
+    assert ck["schedule_state"]["step_count"] == 10 and ck["schedule_state"]["kind"] == "grpo"
     assert "tokenizer" in ck
 
     # A second run gets its own version directory (the config saver never overwrites).
@@ -84,7 +84,7 @@ def test_fit_writes_version_dir_and_summary_then_resumes(tmp_path):
     v2 = tmp_path / "logs" / "default" / "version_2"
     resumed = dict(scalars(v2)["train/loss"])
     ck2 = torch.load(v2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ck2["schedule_state"]["step_count"] == 8
+    assert ck2["schedule_state"]["step_count"] == 10
     # Same losses as the uninterrupted run for every step after the resume point.
     full_d = dict(full)
     common = sorted(set(full_d) & set(resumed))

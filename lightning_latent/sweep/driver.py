@@ -201,6 +201,9 @@ class Worker:
 
     def _run_and_tell(self, trial: optuna.trial.Trial, params: dict) -> TrialState:
         number = trial.number
+        for key in ("error", "returncode", "seconds", "last_step", "pid"):  # a retry inherits the failed
+            if trial.user_attrs.get(key) is not None:                        # trial's user attributes
+                trial.set_user_attr(key, None)
         launch = self.launch
         if launch.nnodes > 1:
             launch = Launch(**{**launch.__dict__, "master_port": launch.master_port + number % 1000})
@@ -320,7 +323,11 @@ def trials_frame(study: optuna.Study):
                "log_path": t.user_attrs.get("log_path"), "error": t.user_attrs.get("error"),
                "retry_of": t.system_attrs.get("failed_trial"), "surplus": bool(t.system_attrs.get(SURPLUS_KEY))}
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for col in ("last_step", "retry_of"):
+        if col in df.columns:
+            df[col] = df[col].astype("Int64")
+    return df
 
 
 def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storage_url: str,
