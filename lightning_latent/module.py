@@ -116,6 +116,13 @@ class EvalConfig:
     perturb: PerturbConfig | None = None
 
 
+def _as(cls, value):
+    if isinstance(value, dict):
+        kw = {k: tuple(v) if isinstance(v, list) and cls is SyntheticConfig else v for k, v in value.items()}
+        return cls(**kw)
+    return value
+
+
 def trainable_masks(model: torch.nn.Module, spec: str | None) -> list[tuple[torch.nn.Parameter, Tensor]]:
     """Set ``requires_grad`` from ``spec`` (None: all, "value": value projections only, else a regex)
     and return (parameter, gradient mask) pairs for parameters trained only in part (GPT-2's fused
@@ -195,7 +202,13 @@ class LatentReasoner(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        schedule = default_schedule() if schedule is None else schedule
+        # Plain dicts (a checkpoint written by the CLI, a hand-written YAML) become the dataclasses.
+        model, curriculum, perturb, grpo, optim, evaluation, synthetic = (
+            _as(ModelConfig, model), _as(CurriculumConfig, curriculum), _as(PerturbConfig, perturb),
+            _as(GRPOConfig, grpo), _as(OptimConfig, optim), _as(EvalConfig, evaluation), _as(SyntheticConfig, synthetic))
+        if isinstance(evaluation.perturb, dict):
+            evaluation.perturb = PerturbConfig(**evaluation.perturb)
+        schedule = default_schedule() if schedule is None else [_as(Phase, p) for p in schedule]
         curriculum.validate()
         perturb.validate()
         grpo.validate()
@@ -258,6 +271,25 @@ class LatentReasoner(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.step_count >= self.total_steps:
             self.trainer.should_stop = True
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides) -> "LatentReasoner":
+        """Rebuild a module from one of our checkpoints (its own settings, its weights, its step).
+
+        ``load_from_checkpoint`` goes through LightningCLI's instantiator when the CLI wrote the file;
+        this works for checkpoints written either way."""
+        from .model.build import read_checkpoint
+
+        ck = read_checkpoint(path)
+        if "schedule_state" not in ck:
+            raise ValueError(f"{path!r} is not a lightning-latent checkpoint (no schedule_state)")
+        hp = {k: v for k, v in ck.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        hp["init_from"] = None
+        hp.update(overrides)
+        module = cls(**hp)
+        module.load_state_dict(ck["state_dict"])
+        module.on_load_checkpoint(ck)
+        return module
 
     # -- where are we ----------------------------------------------------------------------------------
     @property

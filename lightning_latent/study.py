@@ -70,13 +70,14 @@ class Budget:
     k: int = 8
     eval_p: float = 0.1  # the shared evaluation sampler: dropout_shared at this p, answers at T=1
     diversity_prompts: int = 128
+    diversity_grid: str = "full"  # "small": three settings only (tests)
     coconut_args: list[str] = field(default_factory=list)
     common: list[str] = field(default_factory=list)
 
 
 BUDGETS = {
     "default": Budget(),
-    "tiny": Budget(grpo_steps=2, val_interval=1, val_limit=8, test_limit=8, k=2, diversity_prompts=4,
+    "tiny": Budget(grpo_steps=2, val_interval=1, val_limit=8, test_limit=8, k=2, diversity_prompts=4, diversity_grid="small",
                    coconut_args=["--model.schedule",
                                  '[{"kind":"cot","steps":2},{"kind":"coconut","steps":1,"stages":[1,2,3]}]'],
                    common=["--model.model.n_layer", "1", "--model.model.n_embd", "32", "--model.model.n_head", "2",
@@ -200,13 +201,16 @@ class Study:
 
     def run_diversity(self, ckpt: str) -> None:
         from .data.synthetic import synthetic_record
-        from .diversity import default_settings, measure
+        from .diversity import DiversitySetting, default_settings, measure
         from .module import LatentReasoner
 
-        module = LatentReasoner.load_from_checkpoint(ckpt, map_location="cpu")
+        module = LatentReasoner.from_checkpoint(ckpt)
         cfg = module.hparams["synthetic"]
         recs = [synthetic_record(cfg, "validation", i) for i in range(self.budget.diversity_prompts)]
-        rows = measure(module, recs, default_settings(), k=8)
+        settings = default_settings() if self.budget.diversity_grid == "full" else [
+            DiversitySetting("dropout_shared", 0.0), DiversitySetting("dropout_shared", 0.3),
+            DiversitySetting("gaussian", 0.3)]
+        rows = measure(module, recs, settings, k=8)
         write_csv(self.out / "diversity.csv", rows)
         plot_diversity(rows, self.out / "diversity.png")
 
