@@ -102,6 +102,8 @@ class PhaseSummary(L.Callback):
         row = {"phase": name, "kind": stage_seg.kind, "stage": stage_seg.stage, "step": pl_module.step_count}
         for split in self.splits:
             recs = dm.eval_records(split)
+            if trainer.fast_dev_run:  # one batch of everything, evaluation included
+                recs = recs[: dm.eval_batch_size]
             correct = n = 0
             bs = dm.eval_batch_size
             for i in range(0, len(recs), bs):

@@ -152,7 +152,7 @@ def trainable_masks(model: torch.nn.Module, spec: str | None) -> list[tuple[torc
 def default_schedule() -> list[Phase]:
     """The embedded default: CoT, the latent curriculum (3 stages: the 3-step synthetic problems end
     fully latent), then Dropout-GRPO."""
-    return [Phase("cot", steps=600), Phase("coconut", steps=250, stages=[1, 2, 3]),
+    return [Phase("cot", steps=800), Phase("coconut", steps=250, stages=[1, 2, 3]),
             Phase("grpo", steps=200, name="dropout_grpo")]
 
 
@@ -197,7 +197,7 @@ class LatentReasoner(L.LightningModule):
         grpo_prompts: int = 16,
         max_length: int = 256,
         init_from: str | None = None,
-        synthetic: SyntheticConfig = SyntheticConfig(),
+        synthetic: SyntheticConfig = SyntheticConfig(max_number=20, max_value=60),
         seed: int = 0,
     ):
         super().__init__()

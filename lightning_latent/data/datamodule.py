@@ -83,7 +83,7 @@ class LatentDataModule(L.LightningDataModule):
         path: str | None = None,
         hub_name: str = "openai/gsm8k",
         val_size: int = 500,
-        synthetic: SyntheticConfig = SyntheticConfig(),
+        synthetic: SyntheticConfig = SyntheticConfig(max_number=20, max_value=60),
         val_limit: int | None = 300,
         test_limit: int | None = 500,
         eval_batch_size: int = 64,
