@@ -93,6 +93,10 @@ class PhaseSummary(L.Callback):
                 done_seg = s
         if done_seg is not None and pl_module.step_count > 0:
             self._evaluate(trainer, pl_module, done_seg.name, stage_seg=done_seg)
+            # Keep every phase's end state: a later run starts from it with init_from (e.g. GRPO arms and
+            # sweep trials from the Coconut checkpoint of the default run).
+            if trainer.log_dir and not trainer.fast_dev_run:
+                trainer.save_checkpoint(str(Path(trainer.log_dir) / "checkpoints" / f"phase-{done_seg.name}.ckpt"))
 
     def _evaluate(self, trainer, pl_module, name: str, stage_seg) -> None:
         dm = trainer.datamodule
