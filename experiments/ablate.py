@@ -19,10 +19,16 @@ def main() -> None:
     ap.add_argument("--budget", default="default", choices=sorted(BUDGETS))
     ap.add_argument("--no-diversity", action="store_true", help="skip the diversity curve")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
+    ap.add_argument("--diversity-from", metavar="CKPT", help="only measure the diversity curve from this checkpoint")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     study = Study(a.out, seeds=a.seeds, arms=tuple(a.arms), budget=a.budget, diversity=not a.no_diversity)
-    study.report() if a.report_only else study.run()
+    if a.diversity_from:
+        study.run_diversity(a.diversity_from)
+    elif a.report_only:
+        study.report()
+    else:
+        study.run()
 
 
 if __name__ == "__main__":
