@@ -253,6 +253,15 @@ def _hub_num_rows(hub_name: str, config: str | None, hub_split: str, load_kwargs
 _AUG_NAMES = {"train": ("train",), "validation": ("valid", "validation", "val"), "test": ("test",)}
 
 
+def _file_source(gen, name: str, split: str, path, suffix: str, strict: bool,
+                 counter: SkipCounter | None) -> IterableDataset:
+    """One split of a file-per-split format (``train`` / ``valid`` / ``test`` + suffix)."""
+    _check_split(split)
+    file = _resolve_split_file(path, split, _AUG_NAMES[split], suffix)
+    return _from_generator(gen, file=str(file), source=f"{name}/{split}", strict=strict,
+                           counter=SKIPS if counter is None else counter)
+
+
 def _gen_aug(file: str, source: str, strict: bool, counter: SkipCounter) -> Iterator[dict]:
     before = counter.count(source)
     row_idx = -1
@@ -279,12 +288,7 @@ def gsm8k_aug_source(
     ``path``: a folder with ``train.txt`` / ``valid.txt`` / ``test.txt``, a mapping split -> file, or
     the file of this split. Blank lines are ignored (not counted as bad rows).
     """
-    _check_split(split)
-    file = _resolve_split_file(path, split, _AUG_NAMES[split], ".txt")
-    return _from_generator(
-        _gen_aug, file=str(file), source=f"gsm8k_aug/{split}", strict=strict,
-        counter=SKIPS if counter is None else counter,
-    )
+    return _file_source(_gen_aug, "gsm8k_aug", split, path, ".txt", strict, counter)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,12 +325,7 @@ def coconut_json_source(
     file raises ``FileNotFoundError`` naming it. A file that is not a JSON list raises ``ValueError``
     when iterated (that is a broken file, not a bad row). Bad-row locations are ``file row i``.
     """
-    _check_split(split)
-    file = _resolve_split_file(path, split, _AUG_NAMES[split], ".json")
-    return _from_generator(
-        _gen_coconut, file=str(file), source=f"coconut_json/{split}", strict=strict,
-        counter=SKIPS if counter is None else counter,
-    )
+    return _file_source(_gen_coconut, "coconut_json", split, path, ".json", strict, counter)
 
 
 # ---------------------------------------------------------------------------------------------------
