@@ -15,6 +15,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from .rl.rewards import answers_equal
+
 log = logging.getLogger("lightning_latent")
 
 _PACKAGES = ("lightning-latent", "torch", "lightning", "transformers", "datasets", "tokenizers", "torchmetrics",
@@ -74,7 +76,7 @@ class PhaseSummary(L.Callback):
         self._elapsed_before = float(state.get("elapsed", 0.0))
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._t0 = self._phase_t0 = time.perf_counter() - getattr(self, "_elapsed_before", 0.0)
+        self._t0 = time.perf_counter() - getattr(self, "_elapsed_before", 0.0)
         self._phase_t0 = time.perf_counter()
         if getattr(pl_module, "step_count", 0) == 0:
             self.rows = []
@@ -86,7 +88,6 @@ class PhaseSummary(L.Callback):
         return pl_module.hparams.get("init_from") is not None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        seg = pl_module.segment
         done_seg = None
         for s in pl_module.segments:
             if s.end == pl_module.step_count and s.last_of_phase and s.steps > 0:
@@ -113,8 +114,6 @@ class PhaseSummary(L.Callback):
             for i in range(0, len(recs), bs):
                 chunk = recs[i:i + bs]
                 preds, _ = pl_module.answer(chunk, stage_seg.stage, stage_seg.kind == "cot")
-                from .rl.rewards import answers_equal
-
                 correct += sum(answers_equal(p, r.answer) for p, r in zip(preds, chunk))
                 n += len(chunk)
             t = torch.tensor([float(correct), float(n)], device=pl_module.device)

@@ -8,7 +8,6 @@ saves ``env.json``; checkpoints go to ``<version dir>/checkpoints`` (``last.ckpt
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch

@@ -14,7 +14,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -39,7 +39,7 @@ from .model.build import (
 from .model.latent_lm import LatentLM, generate
 from .model.perturb import PerturbConfig, Perturber
 from .rl.grpo import group_advantages, group_stats, grpo_loss, select_mixed_groups
-from .rl.rewards import answer_key, extract_answer, get_reward
+from .rl.rewards import answer_key, answers_equal, extract_answer, get_reward
 from .rl.rollout import RolloutBatch, replay_logprobs, rollout, rollout_seed
 from .schedule import Phase, Segment, flatten, locate
 
@@ -242,7 +242,6 @@ class LatentReasoner(L.LightningModule):
         self.eval_pass = PassAtK(evaluation.k) if evaluation.k > 1 else None
         self.eval_maj = MajorityAtK(evaluation.k) if evaluation.k > 1 else None
         self.automatic_optimization = False
-        self._t_rollout = self._t_update = 0.0
         self._grad_masks: list = []
         self.predictions: list[dict] = []
 
@@ -504,8 +503,6 @@ class LatentReasoner(L.LightningModule):
                 self.log("grpo/grad_norm", gn)
         self.log("train/loss", loss.detach(), prog_bar=True)
         t2 = time.perf_counter()
-        self._t_rollout += t1 - t0
-        self._t_update += t2 - t1
         self.log("perf/rollout_share", (t1 - t0) / max(t2 - t0, 1e-9))
 
     def _log_rollout_stats(self, rb: RolloutBatch, n_rows: int, seconds: float) -> None:
@@ -555,14 +552,10 @@ class LatentReasoner(L.LightningModule):
         samples = None
         if self.eval_pass is not None:
             samples = self.sample_answers(records, stage, self.ecfg.k)
-            from .rl.rewards import answers_equal
-
             correct = torch.tensor([[answers_equal(a, g) for a in s] for s, g in zip(samples, golds)])
             self.eval_pass.update(correct)
             self.eval_maj.update(samples, golds)
         if prefix == "test":
-            from .rl.rewards import answers_equal
-
             for i, r in enumerate(records):
                 row = {"idx": r.idx, "question": r.question, "gold": r.answer, "prediction": preds[i],
                        "correct": answers_equal(preds[i], r.answer), "text": texts[i]}

@@ -6,7 +6,7 @@ what makes ``--ckpt_path`` resume at the exact place a run stopped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 PhaseKind = Literal["cot", "coconut", "grpo", "sft"]

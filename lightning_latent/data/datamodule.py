@@ -11,7 +11,6 @@ the same number of batches (finite sources are cycled, epoch by epoch), so no ra
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from typing import Iterator, Literal
 
 import lightning as L

@@ -22,7 +22,7 @@ embeddings).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
-import math
 import os
 import signal
 import sys
@@ -346,7 +345,7 @@ def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storag
              f"- config: `{cfg.source}`; objective: {cfg.direction} `{cfg.metric}` "
              f"({cfg.objective.get('reduce', 'last')} value of the fit, on validation)",
              f"- storage: `{storage_url}` (view it with `optuna-dashboard {storage_url}`)",
-             f"- trials: " + ", ".join(f"{k} {v}" for k, v in states.items() if v),
+             "- trials: " + ", ".join(f"{k} {v}" for k, v in states.items() if v),
              f"- written {_dt.datetime.now().isoformat(timespec='seconds')}", ""]
     importances: dict[str, float] = {}
     if complete:
