@@ -30,7 +30,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--shapes", choices=SHAPES, default="default",
                     help="default: the embedded GPT-2 (4 layers x 128); gpt2-small: GPT2Config() (124M, random init)")
-    ap.add_argument("--dtype", choices=DTYPES, default="fp32", help="bf16: torch.autocast('cpu', bfloat16)")
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32", help="bf16: torch.autocast(device, bfloat16)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model and batches live")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke mode (for the tests)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
     ap.add_argument("--threads", type=int, default=1,
@@ -41,8 +42,32 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def apply_threads(args) -> None:
+    global DEVICE
     if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
+    DEVICE = torch.device(getattr(args, "device", "cpu"))
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
+
+
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for queued device work, so wall-clock timings mean what they say (no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def to_dev(x):
+    """A tensor, or a dict / list of them, moved to the benchmark device."""
+    if isinstance(x, torch.Tensor):
+        return x.to(DEVICE)
+    if isinstance(x, dict):
+        return {k: to_dev(v) for k, v in x.items()}
+    return x
 
 
 def machine_info() -> dict:
@@ -55,19 +80,28 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "device": str(DEVICE),
+        "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
 def autocast(dtype: str):
     if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 # -- peak memory ---------------------------------------------------------------------------------------
 def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported.
+
+    On CUDA the figures are the device allocator's instead (``torch.cuda.max_memory_allocated``).
+    """
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        return True
     try:
         with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
             f.write("5")
@@ -77,7 +111,10 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size since the last reset (VmHWM), else since start (ru_maxrss)."""
+    """Peak resident set size since the last reset (VmHWM), else since start (ru_maxrss); CUDA: peak allocated."""
+    if DEVICE.type == "cuda":
+        sync()
+        return torch.cuda.max_memory_allocated(DEVICE) / 2**20
     try:
         with open(f"/proc/{os.getpid()}/status") as f:
             for line in f:
@@ -89,6 +126,8 @@ def peak_rss_mib() -> float:
 
 
 def rss_mib() -> float:
+    if DEVICE.type == "cuda":
+        return torch.cuda.memory_allocated(DEVICE) / 2**20
     try:
         with open(f"/proc/{os.getpid()}/status") as f:
             for line in f:
@@ -101,8 +140,10 @@ def rss_mib() -> float:
 
 # -- timing --------------------------------------------------------------------------------------------
 def timed(fn):
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - t0, out
 
 
@@ -110,17 +151,23 @@ def median(xs):
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def matmul_peak_flops(dtype: str, n: int = 1024, repeats: int = 5) -> float:
-    """Dense matmul FLOP/s (2 n^3 per [n,n]x[n,n]) in ``dtype``, best of ``repeats`` (this run, these threads)."""
+def matmul_peak_flops(dtype: str, n: int | None = None, repeats: int = 5) -> float:
+    """Dense matmul FLOP/s (2 n^3 per [n,n]x[n,n]) in ``dtype``, best of ``repeats`` (this run, these threads).
+
+    n = 1024 on CPU; 8192 on CUDA, where a 1024 matmul is too short to reach the device's peak.
+    """
+    n = n or (8192 if DEVICE.type == "cuda" else 1024)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a = torch.randn(n, n).to(dt)
-    b = torch.randn(n, n).to(dt)
+    a = torch.randn(n, n, device=DEVICE).to(dt)
+    b = torch.randn(n, n, device=DEVICE).to(dt)
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         for _ in range(4):
             torch.mm(a, b)
+        sync()
         dtm = time.perf_counter() - t0
         best = max(best, 4 * 2 * n**3 / dtm)
     return best
@@ -193,6 +240,7 @@ def build_setup(shapes: str, seed: int = 0, n_latent: int = 6) -> Setup:
     else:
         raise ValueError(shapes)
     lm.eval()
+    lm.to(DEVICE)
     model = LatentLM(lm, latent_id, start_id, end_id)
     model.set_base_dropout(False)
     model.eval()

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from common import (apply_threads, autocast, base_parser, build_setup, emit, machine_info, median,  # noqa: E402
-                    prompt_layout, records)
+                    prompt_layout, records, sync, to_dev)
 from lightning_latent.data.layout import collate_prompts  # noqa: E402
 from lightning_latent.model.latent_lm import generate  # noqa: E402
 from lightning_latent.model.perturb import PerturbConfig, Perturber, answer_uniforms  # noqa: E402
@@ -35,11 +35,11 @@ def make_batch(setup, n_prompts: int, k: int, n_latent: int, seed: int):
     recs = records(n_prompts, seed)
     prompts = [setup.ids(lay.prompt(r, stage=1)) for r in recs for _ in range(k)]
     seeds = torch.tensor([rollout_seed(seed, 0, r.idx, j) for r in recs for j in range(k)], dtype=torch.long)
-    return prompts, seeds
+    return prompts, to_dev(seeds)
 
 
 def ours(setup, pert, prompts, seeds, max_new: int, temperature: float):
-    pb = collate_prompts(prompts, setup.pad_id)
+    pb = to_dev(collate_prompts(prompts, setup.pad_id))
     with pert.rows(seeds):
         gen = generate(setup.model, pb["input_ids"], pb["attention_mask"], max_new, setup.eos_id, setup.pad_id,
                        temperature, seeds, pert)
@@ -51,12 +51,14 @@ def reference_one(setup, pert, prompt: list[int], seed: int, max_new: int, tempe
     """One rollout, batch 1, no KV cache: every latent step and answer token recomputes the whole sequence."""
     lm = setup.lm
     base, emb, head = lm.base_model, lm.get_input_embeddings(), lm.get_output_embeddings()
-    ids = torch.tensor([prompt])
+    dev = emb.weight.device
+    ids = torch.tensor([prompt], device=dev)
     embeds = emb(ids)
     tp, d = len(prompt), embeds.shape[-1]
-    step0 = torch.zeros(1, dtype=torch.long)
+    step0 = torch.zeros(1, dtype=torch.long, device=dev)
+    seed_t = torch.tensor([seed], dtype=torch.long, device=dev)
     out: list[int] = []
-    with pert.rows(torch.tensor([seed], dtype=torch.long)):
+    with pert.rows(seed_t):
         for pos in [i for i, t in enumerate(prompt) if t == setup.latent_id]:
             pert.begin_pass(step0, pos, None, d, ids.device, embeds.dtype)  # shared mask over the prefix
             h = base(inputs_embeds=embeds[:, :pos], use_cache=False).last_hidden_state
@@ -68,18 +70,19 @@ def reference_one(setup, pert, prompt: list[int], seed: int, max_new: int, tempe
             logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
             if temperature > 0:
                 cdf = logp.exp().cumsum(-1)
-                u = answer_uniforms(torch.tensor([seed], dtype=torch.long), t).to(cdf.dtype) * cdf[:, -1]
+                u = answer_uniforms(seed_t, t).to(cdf.dtype) * cdf[:, -1]
                 tok = int(torch.searchsorted(cdf, u[:, None]).clamp(max=logits.shape[-1] - 1)[0, 0])
             else:
                 tok = int(logits.argmax(-1))
             out.append(tok)
             if tok == setup.eos_id:
                 break
-            embeds = torch.cat([embeds, emb(torch.tensor([[tok]]))], 1)
+            embeds = torch.cat([embeds, emb(torch.tensor([[tok]], device=dev))], 1)
     return out
 
 
 def reference(setup, pert, prompts, seeds, rows, max_new, temperature):
+    seeds = seeds.tolist()
     return {i: reference_one(setup, pert, prompts[i], int(seeds[i]), max_new, temperature) for i in rows}
 
 
@@ -105,6 +108,7 @@ def main_compare(args, setup, pert) -> dict:
         t_check = time.perf_counter() - t0
         t_ours, t_ref, out_ours, out_ref = [], [], None, None
         for _ in range(args.repeats):  # interleaved
+            sync()
             t0 = time.perf_counter()
             out_ours = ours(setup, pert, prompts, seeds, max_new, args.temperature)
             t_ours.append(time.perf_counter() - t0)
@@ -154,12 +158,16 @@ def main_sweep(args, setup, pert) -> dict:
             for _ in range(args.repeats):  # interleave the latent counts
                 for lat in lats:
                     prompts, seeds = data[lat]
+                    sync()
                     t0 = time.perf_counter()
                     ours(setup, pert, prompts, seeds, args.max_new_tokens, args.temperature)
+                    sync()
                     t_roll[lat].append(time.perf_counter() - t0)
                     # prompt phase only (prefix + latent window + end marker): 1 new token
+                    sync()
                     t0 = time.perf_counter()
                     ours(setup, pert, prompts, seeds, 1, args.temperature)
+                    sync()
                     t_prompt[lat].append(time.perf_counter() - t0)
             xs = lats
             ys = [median(t_prompt[lat]) for lat in lats]

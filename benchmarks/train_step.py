@@ -24,8 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import common  # noqa: E402
+
 from common import (apply_threads, autocast, base_parser, build_setup, emit, machine_info,  # noqa: E402
-                    matmul_peak_flops, median, peak_rss_mib, prompt_layout, records, reset_peak_rss, rss_mib)
+                    matmul_peak_flops, median, peak_rss_mib, prompt_layout, records, reset_peak_rss, rss_mib,
+                    sync, to_dev)
 from lightning_latent.data.layout import IGNORE, collate_prompts, collate_train  # noqa: E402
 from lightning_latent.model.latent_lm import generate  # noqa: E402
 from lightning_latent.model.perturb import PerturbConfig, Perturber  # noqa: E402
@@ -41,21 +44,21 @@ def train_batch(setup, n_rows: int, n_latent: int, seed: int) -> dict:
         f["input_ids"] = setup.ids(f["input_ids"])
         f["labels"] = [x if x == IGNORE else setup.remap.get(x, x) for x in f["labels"]]
         feats.append(f)
-    return collate_train(feats, setup.pad_id, setup.latent_id)
+    return to_dev(collate_train(feats, setup.pad_id, setup.latent_id))
 
 
 def rollout_batch(setup, pert, n_prompts: int, k: int, n_latent: int, max_new: int, seed: int) -> RolloutBatch:
     lay = prompt_layout(setup, n_latent)
     recs = records(n_prompts, seed)
     prompts = [setup.ids(lay.prompt(r, stage=1)) for r in recs for _ in range(k)]
-    seeds = torch.tensor([rollout_seed(seed, 0, r.idx, j) for r in recs for j in range(k)], dtype=torch.long)
-    pb = collate_prompts(prompts, setup.pad_id)
+    seeds = to_dev(torch.tensor([rollout_seed(seed, 0, r.idx, j) for r in recs for j in range(k)], dtype=torch.long))
+    pb = to_dev(collate_prompts(prompts, setup.pad_id))
     setup.model.eval()
     with torch.no_grad(), pert.rows(seeds):
         gen = generate(setup.model, pb["input_ids"], pb["attention_mask"], max_new, setup.eos_id, setup.pad_id,
                        1.0, seeds, pert)
     g = torch.Generator().manual_seed(seed)
-    rewards = (torch.rand(n_prompts, k, generator=g) < 0.5).float()  # synthetic mixed rewards
+    rewards = to_dev((torch.rand(n_prompts, k, generator=g) < 0.5).float())  # synthetic mixed rewards
     return RolloutBatch(pb["input_ids"], pb["attention_mask"], seeds, gen.tokens, gen.logprobs, gen.mask, rewards,
                         [None] * len(prompts), [r.answer for r in recs], gen.final_thought)
 
@@ -138,8 +141,10 @@ def main(argv=None) -> dict:
         for name, fn in steps.items():
             base = rss_mib()
             hwm_reset = reset_peak_rss() and hwm_reset
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
             peak[name] = max(peak[name], peak_rss_mib())
             delta[name] = max(delta[name], peak_rss_mib() - base)
@@ -163,12 +168,15 @@ def main(argv=None) -> dict:
                          "attention scores not counted)",
         "achieved_flops": achieved,
         "matmul_peak_flops": peak_fl,
-        "matmul_peak": "best of torch.mm [1024,1024]x[1024,1024] in this run, dtype and threads",
+        "matmul_peak": ("best of torch.mm [8192,8192]x[8192,8192] on the GPU" if common.DEVICE.type == "cuda" else
+                        "best of torch.mm [1024,1024]x[1024,1024]") + " in this run and dtype (CPU: these threads)",
         "mfu": {k: achieved[k] / peak_fl for k in steps},
         "grpo_mfu_ge_plain": achieved["grpo"] >= achieved["plain"],
         "peak_rss_mib": peak,
         "peak_rss_delta_mib": delta,
-        "peak_rss_method": "VmHWM reset per phase via /proc/self/clear_refs" if hwm_reset else "ru_maxrss (process)",
+        "peak_rss_method": ("torch.cuda.max_memory_allocated, reset per phase (GPU memory, not RSS)"
+                            if common.DEVICE.type == "cuda" else
+                            "VmHWM reset per phase via /proc/self/clear_refs" if hwm_reset else "ru_maxrss (process)"),
         "replay_gap_first_iter": replay_gap,
         "identical_outputs": replay_gap <= (1e-5 if args.dtype == "fp32" else 1e-1),
         "identical_outputs_meaning": "replayed log-probs equal the rollout's (|gap| <= 1e-5 fp32)",

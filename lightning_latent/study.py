@@ -77,6 +77,9 @@ class Budget:
 
 BUDGETS = {
     "default": Budget(),
+    # What fits one 2-core sitting of ~2 h for 5 seeds: half the GRPO steps, a smaller validation set; the
+    # test set stays at 2,000 problems (the statistical-power requirement).
+    "reduced": Budget(grpo_steps=100, val_interval=50, val_limit=300),
     "tiny": Budget(grpo_steps=2, val_interval=1, val_limit=8, test_limit=8, k=2, diversity_prompts=4, diversity_grid="small",
                    coconut_args=["--model.schedule",
                                  '[{"kind":"cot","steps":2},{"kind":"coconut","steps":1,"stages":[1,2,3]}]'],
@@ -95,7 +98,7 @@ class Study:
                 raise ValueError(f"unknown arm {a!r}; choose from {ARMS}")
         if seeds < 1:
             raise ValueError(f"--seeds {seeds} must be >= 1")
-        self.out = Path(out)
+        self.out = Path(out).resolve()  # cells run with cwd=out: every path handed to them must be absolute
         self.seeds, self.arms, self.diversity = seeds, tuple(arms), diversity
         self.budget = BUDGETS[budget] if isinstance(budget, str) else budget
         self.tb = self.out / "tb"

@@ -409,3 +409,21 @@ def test_add_latent_tokens_initialises_from_calc_token():
     assert torch.equal(lm.get_output_embeddings().weight, w)
     # idempotent
     assert add_latent_tokens(tok, lm) == ids and lm.get_input_embeddings().weight.shape[0] == n0 + 3
+
+
+def test_cache_argument_name_and_silent_drop_guard():
+    """transformers 5.17 calls the cache ``past_key_values``, 5.24 ``cache``; a wrong name is swallowed by
+    ``**kwargs`` and the model runs without the cache (seen on a GPU machine: CoT pass@1 0.2% instead of
+    59%). The wrapper reads the name from the signature and refuses a pass that did not extend the cache."""
+    import inspect
+
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=64))
+    m = LatentLM(lm, 47, 48, 49)
+    params = inspect.signature(lm.base_model.forward).parameters
+    assert m.cache_kwarg in params and m.cache_kwarg in ("cache", "past_key_values")
+    ids = torch.tensor([[1, 2, 48, 47, 47, 49, 3, 4]])
+    out = m(ids)
+    assert out.logits.shape == (1, 8, 50)
+    m.__dict__["_cache_kwarg"] = "not_a_cache_argument"  # what a renamed argument looks like
+    with pytest.raises(RuntimeError, match="did not extend the KV cache"):
+        m(ids)

@@ -16,6 +16,7 @@ thought and through the cache; nothing is detached.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,29 @@ class LatentLM(nn.Module):
     def base(self) -> nn.Module:
         return self.lm.base_model
 
+    @property
+    def cache_kwarg(self) -> str:
+        """The base model's name for the KV-cache argument: ``cache`` (transformers >= 5.2x) or
+        ``past_key_values`` (earlier 5.x). Read from the signature because a wrong name is not an error:
+        ``forward(**kwargs)`` swallows it and the model silently runs WITHOUT the cache."""
+        name = self.__dict__.get("_cache_kwarg")
+        if name is None:
+            params = inspect.signature(self.base.forward).parameters
+            name = "cache" if "cache" in params else "past_key_values"
+            self.__dict__["_cache_kwarg"] = name
+        return name
+
     def _run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache) -> Tensor:
-        out = self.base(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
-        )
+        before = cache.get_seq_length()
+        out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=True, **{self.cache_kwarg: cache})
+        if cache.get_seq_length() != before + embeds.shape[1]:
+            # Every pass must extend the shared cache; otherwise later passes cannot see earlier columns
+            # and every result would be silently wrong (seen with a transformers that renamed the argument).
+            raise RuntimeError(
+                f"the base model {type(self.base).__name__} did not extend the KV cache passed as "
+                f"{self.cache_kwarg!r} (length {before} -> {cache.get_seq_length()}, expected "
+                f"{before + embeds.shape[1]}); this transformers version's cache argument is not supported")
         return out.last_hidden_state
 
     def forward(
