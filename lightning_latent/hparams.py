@@ -69,7 +69,17 @@ class HParamsSummary(L.Callback):
                     self.history.setdefault(tag, []).append(f)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.history = {}
+        if not getattr(self, "_restored", False):
+            self.history = {}
+        self._restored = False
+
+    # The history travels in checkpoints, so a resumed run's "best" and "final" cover the whole run.
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: list(v) for k, v in state_dict.get("history", {}).items()}
+        self._restored = True
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 import math
 import random
 import re
@@ -393,12 +394,23 @@ class LatentReasoner(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             if self.bad_steps > self.ocfg.max_bad_steps:
                 self.trainer.should_stop = True
+                path = self._stop_checkpoint()
                 raise RuntimeError(f"{self.bad_steps} non-finite steps in a row (limit optim.max_bad_steps="
-                                   f"{self.ocfg.max_bad_steps}); the last checkpoint holds the state before them")
+                                   f"{self.ocfg.max_bad_steps}) at step {self.step_count}, last batch {ids}; the "
+                                   f"weights are those before them, saved to {path}")
             return False, float("nan")
         self.bad_steps = 0
         opt.step()
         return True, float(gn)
+
+    def _stop_checkpoint(self) -> str:
+        """Save the state (weights untouched by the skipped updates) before a run stops on bad numbers."""
+        cb = self.trainer.checkpoint_callback
+        d = Path(cb.dirpath) if cb is not None and getattr(cb, "dirpath", None) else \
+            Path(self.trainer.default_root_dir) / "checkpoints"
+        path = d / "nonfinite-stop.ckpt"
+        self.trainer.save_checkpoint(path)
+        return str(path)
 
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: list[Record], batch_idx: int) -> None:

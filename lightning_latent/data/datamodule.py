@@ -11,11 +11,12 @@ the same number of batches (finite sources are cycled, epoch by epoch), so no ra
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Iterator, Literal
 
 import lightning as L
 from datasets import IterableDataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import IterableDataset as TorchIterable
 
 from .records import Record
@@ -35,6 +36,47 @@ log = logging.getLogger("lightning_latent.data")
 Task = Literal["synthetic", "gsm8k", "gsm8k_aug", "coconut_json"]
 
 
+class _Batch(list):
+    """A training batch (a list of records) that also carries, from a DataLoader worker, the rows that
+    worker skipped so far in this loader (``loader``: the loader's record offset). Every worker reads the
+    whole stream, so the main process keeps the largest count per loader and sums over loaders."""
+
+    def __init__(self, records: list[Record], loader: int = 0, skips: dict | None = None):
+        super().__init__(records)
+        self.loader, self.skips = loader, skips
+
+    def __reduce__(self):
+        return (_Batch, (list(self), self.loader, self.skips))
+
+
+@contextmanager
+def _hide_worker_info():
+    """Inside a DataLoader worker, make ``get_worker_info()`` return None for a moment.
+
+    A ``datasets.IterableDataset`` iterated in a worker gives that worker only its share of the shards
+    (and nothing at all when there are fewer shards than workers). Every worker here must read the
+    whole stream (it yields only its own batches), so the stream is started as if in the main process."""
+    from torch.utils.data._utils import worker as _worker
+
+    saved = _worker._worker_info
+    _worker._worker_info = None
+    try:
+        yield
+    finally:
+        _worker._worker_info = saved
+
+
+def _whole_stream(ds) -> Iterator[dict]:
+    it = iter(ds)
+    with _hide_worker_info():  # the check runs when the generator starts: pull the first row inside
+        try:
+            first = next(it)
+        except StopIteration:
+            return
+    yield first
+    yield from it
+
+
 class _PlannedBatches(TorchIterable):
     """``n_batches`` lists of ``batch_size`` records, starting after ``offset`` records, cycling the
     source (with ``set_epoch`` for shuffled sources) so the count is exact on every rank."""
@@ -47,7 +89,7 @@ class _PlannedBatches(TorchIterable):
         while True:
             self.ds.set_epoch(epoch)
             n = 0
-            for row in self.ds:
+            for row in _whole_stream(self.ds):
                 n += 1
                 yield row_to_record(row)
             if n == 0:
@@ -55,11 +97,23 @@ class _PlannedBatches(TorchIterable):
             epoch += 1
 
     def __iter__(self) -> Iterator[list[Record]]:
+        # With W DataLoader workers, worker w yields batches w, w+W, ... (reading, not yielding, the
+        # others): the loader takes one batch from each worker in turn, so the sequence of batches is
+        # the same for any number of workers.
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        base = SKIPS.as_dict()  # a forked worker inherits the parent's counts: report only its own
         it = self._records()
         for _ in range(self.offset):
             next(it)
-        for _ in range(self.n_batches):
-            yield [next(it) for _ in range(self.batch_size)]
+        for b in range(self.n_batches):
+            batch = [next(it) for _ in range(self.batch_size)]
+            if b % nw == wid:
+                if info is None:
+                    yield batch
+                else:
+                    own = {k: n - base.get(k, 0) for k, n in SKIPS.as_dict().items() if n > base.get(k, 0)}
+                    yield _Batch(batch, self.offset, own)
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -74,6 +128,8 @@ class LatentDataModule(L.LightningDataModule):
         val_limit / test_limit: evaluate on the first N rows only (None: the whole split).
         shuffle_buffer: shuffle buffer for file-backed training streams (0: source order).
         strict: raise on the first bad row instead of counting and skipping it.
+        num_workers: DataLoader worker processes for the training stream (batches are identical for
+            any value; evaluation loaders read in the main process).
     """
 
     def __init__(
@@ -89,18 +145,23 @@ class LatentDataModule(L.LightningDataModule):
         shuffle_buffer: int = 10_000,
         seed: int = 0,
         strict: bool = False,
+        num_workers: int = 0,
     ):
         super().__init__()
         if task not in ("synthetic", "gsm8k", "gsm8k_aug", "coconut_json"):
             raise ValueError(f"data.task={task!r} is unknown; choose synthetic, gsm8k, gsm8k_aug or coconut_json")
         if task in ("gsm8k_aug", "coconut_json") and path is None:
             raise ValueError(f"data.task={task!r} needs data.path (a file or folder)")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
         if eval_batch_size < 1:
             raise ValueError(f"data.eval_batch_size={eval_batch_size} must be >= 1")
         self.task, self.path, self.hub_name, self.val_size = task, path, hub_name, val_size
         self.synthetic = synthetic
         self.val_limit, self.test_limit, self.eval_batch_size = val_limit, test_limit, eval_batch_size
         self.shuffle_buffer, self.seed, self.strict = shuffle_buffer, seed, strict
+        self.num_workers = num_workers
+        self._worker_skips: dict[int, dict[str, int]] = {}
         self.skips = SKIPS
 
     # -- sources ------------------------------------------------------------------------------------
@@ -136,7 +197,8 @@ class LatentDataModule(L.LightningDataModule):
         batch_size, n_batches, offset = module.data_plan()
         rank, world = self._rank()
         ds = split_for_rank(self.source("train"), rank, world)
-        return DataLoader(_PlannedBatches(ds, batch_size, n_batches, offset), batch_size=None)
+        return DataLoader(_PlannedBatches(ds, batch_size, n_batches, offset), batch_size=None,
+                          num_workers=self.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
         rank, world = self._rank()
@@ -157,5 +219,18 @@ class LatentDataModule(L.LightningDataModule):
         rank, world = self._rank()
         return [row_to_record(r) for r in split_for_rank(self.source(split), rank, world)]
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, _Batch):
+            seen = self._worker_skips.setdefault(batch.loader, {})
+            for k, n in (batch.skips or {}).items():
+                seen[k] = max(seen.get(k, 0), n)
+        return batch
+
     def skip_report(self) -> dict[str, int]:
-        return self.skips.as_dict()
+        """Rows skipped so far, per ``source/reason``: this process's counts plus the training workers'
+        (the workers' own counts are lost with them otherwise)."""
+        total = dict(self.skips.as_dict())
+        for counts in self._worker_skips.values():
+            for k, n in (counts or {}).items():
+                total[k] = total.get(k, 0) + n
+        return dict(sorted(total.items()))
