@@ -68,6 +68,9 @@ class GRPOConfig:
     # published recipe's W_V: v_proj, or the V third of GPT-2's fused c_attn); else a regex over names.
     trainable: str | None = None
     reward: str = "exact_match"
+    # Rows (rollouts) per backward in the update: None = the whole batch at once. Smaller values bound
+    # the replay's activation memory; the gradient is the whole batch's (the losses use its denominators).
+    micro_batch_rows: int | None = None
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -91,6 +94,8 @@ class GRPOConfig:
                 re.compile(self.trainable)
             except re.error as err:
                 raise ValueError(f"grpo.trainable={self.trainable!r} is not a valid regex: {err}") from err
+        if self.micro_batch_rows is not None and self.micro_batch_rows < 1:
+            raise ValueError(f"grpo.micro_batch_rows={self.micro_batch_rows} must be >= 1 (or null: whole batch)")
         get_reward(self.reward)
 
 
@@ -376,10 +381,17 @@ class LatentReasoner(L.LightningModule):
         if isinstance(m, torch.nn.parallel.DistributedDataParallel):
             m.require_backward_grad_sync = False
 
-    def _optimizer_step(self, opt, loss: Tensor, ids: Any) -> tuple[bool, float]:
-        """Backward, sync, clip, step; a non-finite loss or gradient skips the update (counted)."""
+    def _optimizer_step(self, opt, loss: Tensor | None, ids: Any, backward=None) -> tuple[bool, float]:
+        """Backward, sync, clip, step; a non-finite loss or gradient skips the update (counted).
+
+        ``backward`` (instead of ``loss``): a function that runs the backward passes itself (micro-batches)
+        and returns the total loss, detached."""
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        if backward is None:
+            self.manual_backward(loss)
+        else:
+            loss = backward()
+        self._last_loss = loss.detach()
         for p, m in self._grad_masks:
             if p.grad is not None:
                 p.grad.mul_(m)
@@ -498,19 +510,42 @@ class LatentReasoner(L.LightningModule):
                 ref_logp, _ = replay_logprobs(self._ref, self._ref_perturber if g.reference_perturbed else None,
                                               sub, self.rollout_temperature)
         self.model.train()
+        n_rows = mask.shape[0]
+        mb = n_rows if g.micro_batch_rows is None else min(g.micro_batch_rows, n_rows)
+        totals = (n_rows, float(mask.sum()))
+        scale = weight if n_local > 0 else 0.0
         for it in range(g.mu):
-            logp, ent = replay_logprobs(self.model, self.perturber, sub, self.rollout_temperature,
-                                        with_entropy=it == 0)
-            loss, st = grpo_loss(logp, sub.logprobs, adv, mask, ref_logp, g.beta, g.epsilon, g.epsilon_high,
-                                 g.aggregation, max_tokens=g.max_new_tokens, kl_clamp=g.kl_clamp)
-            loss = loss * (weight if n_local > 0 else 0.0)
+            parts: list[tuple[Tensor, Tensor | None]] = []
+
+            def backward() -> Tensor:
+                # one backward per micro-batch of rows, each loss over the whole batch's denominators:
+                # the accumulated gradient equals the whole batch's
+                total = torch.zeros((), device=self.device)
+                for a in range(0, n_rows, mb):
+                    b = min(a + mb, n_rows)
+                    lp, en = replay_logprobs(self.model, self.perturber, sub.rows(a, b), self.rollout_temperature,
+                                             with_entropy=it == 0)
+                    part, _ = grpo_loss(lp, sub.logprobs[a:b], adv[a:b], mask[a:b],
+                                        None if ref_logp is None else ref_logp[a:b], g.beta, g.epsilon,
+                                        g.epsilon_high, g.aggregation, max_tokens=g.max_new_tokens,
+                                        kl_clamp=g.kl_clamp, totals=totals)
+                    self.manual_backward(part * scale)
+                    total = total + part.detach() * scale
+                    parts.append((lp.detach(), None if en is None else en.detach()))
+                return total
+
+            ok, gn = self._optimizer_step(opt, None, [r.idx for r in records][:8], backward=backward)
+            loss = self._last_loss
             if it == 0:
-                gap = ((logp.detach() - sub.logprobs).abs() * mask).max() if mask.sum() > 0 else torch.zeros(())
+                logp = torch.cat([p for p, _ in parts])
+                ent = torch.cat([e for _, e in parts])
+                _, st = grpo_loss(logp, sub.logprobs, adv, mask, ref_logp, g.beta, g.epsilon, g.epsilon_high,
+                                  g.aggregation, max_tokens=g.max_new_tokens, kl_clamp=g.kl_clamp)
+                gap = ((logp - sub.logprobs).abs() * mask).max() if mask.sum() > 0 else torch.zeros(())
                 self.log("grpo/replay_gap", gap)
                 self.log("grpo/entropy", (ent * mask).sum() / mask.sum().clamp(min=1))
                 for name in ("kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "pg_loss", "kl_clamped"):
                     self.log(f"grpo/{name}", st[name])
-            ok, gn = self._optimizer_step(opt, loss, [r.idx for r in records][:8])
             if ok:
                 self.log("grpo/grad_norm", gn)
         self.log("train/loss", loss.detach(), prog_bar=True)

@@ -269,3 +269,39 @@ def test_replay_treats_generated_latent_ids_as_tokens(setup):
     with torch.no_grad():
         logp, _ = replay_logprobs(model, pert, batch, 1.0)
     assert _answer_gap(logp, batch) <= 1e-5
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dapo"])
+def test_micro_batched_grpo_update_equals_whole_batch(tmp_path, aggregation):
+    """The LightningModule's GRPO step with ``grpo.micro_batch_rows=3`` (8 rollouts: 3 + 3 + 2 rows, one
+    backward each) leaves the same parameters as one backward over the whole batch (mu=2, beta>0)."""
+    import lightning as L
+
+    import faults  # noqa: F401  (registers the text_hash reward: mixed groups, a non-zero gradient)
+    from lightning_latent.data.datamodule import LatentDataModule
+    from lightning_latent.data.layout import CurriculumConfig
+    from lightning_latent.model.build import ModelConfig
+    from lightning_latent.module import GRPOConfig, LatentReasoner
+    from lightning_latent.schedule import Phase
+
+    def run(micro):
+        L.seed_everything(0, verbose=False)
+        m = LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2),
+                           curriculum=CurriculumConfig(c_thought=1, max_latent_stage=2),
+                           schedule=[Phase("grpo", steps=2)], grpo_prompts=2,
+                           grpo=GRPOConfig(group_size=4, max_new_tokens=4, reward="text_hash", mu=2, beta=0.05,
+                                           aggregation=aggregation, micro_batch_rows=micro))
+        start = {k: v.clone() for k, v in m.model.state_dict().items()}
+        t = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
+                      check_val_every_n_epoch=None, val_check_interval=1000, num_sanity_val_steps=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path))
+        t.fit(m, datamodule=LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4))
+        return start, m.model.state_dict()
+
+    s0, whole = run(None)
+    s1, micro = run(3)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert any(not torch.equal(s0[k], whole[k]) for k in s0)  # the update did something
+    for k in whole:
+        assert torch.allclose(whole[k], micro[k], atol=1e-6), k

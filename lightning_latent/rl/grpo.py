@@ -206,21 +206,28 @@ def k3_kl(
 
 
 def _aggregate(
-    per_token: Tensor, maskf: Tensor, aggregation: Aggregation, max_tokens: int | None
+    per_token: Tensor, maskf: Tensor, aggregation: Aggregation, max_tokens: int | None,
+    totals: tuple[int, float] | None = None,
 ) -> Tensor:
-    """Reduce a masked per-token loss ``[N, T]`` to a scalar (see :func:`grpo_loss`)."""
+    """Reduce a masked per-token loss ``[N, T]`` to a scalar (see :func:`grpo_loss`).
+
+    ``totals = (rows, answer_tokens)`` of the WHOLE batch when ``per_token`` is one micro-batch of it:
+    the denominators are then the whole batch's, so the micro-batch losses sum to the whole-batch loss
+    (and their gradients to its gradient)."""
     n, t = per_token.shape
+    n_all = n if totals is None else totals[0]
     masked = per_token * maskf
     if aggregation == "grpo":
         lengths = maskf.sum(dim=1).clamp(min=1.0)
-        return (masked.sum(dim=1) / lengths).mean()
+        return (masked.sum(dim=1) / lengths).sum() / float(max(n_all, 1))
     if aggregation == "dapo":
-        return masked.sum() / maskf.sum().clamp(min=1.0)
+        tok = maskf.sum() if totals is None else torch.as_tensor(float(totals[1]), dtype=maskf.dtype)
+        return masked.sum() / tok.clamp(min=1.0)
     if aggregation == "dr_grpo":
         denom = t if max_tokens is None else max_tokens
         if denom <= 0:
             raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-        return masked.sum() / float(n * denom)
+        return masked.sum() / float(n_all * denom)
     raise ValueError(f"unknown aggregation {aggregation!r}; choices: ['grpo', 'dr_grpo', 'dapo']")
 
 
@@ -236,6 +243,7 @@ def grpo_loss(
     aggregation: Aggregation = "grpo",
     max_tokens: int | None = None,
     kl_clamp: float = 10.0,
+    totals: tuple[int, float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped-ratio GRPO loss over answer tokens, and detached diagnostics.
 
@@ -254,6 +262,9 @@ def grpo_loss(
     * ``dapo``: sum over all answer tokens / total number of answer tokens in the batch.
     * ``dr_grpo``: sum over all answer tokens / (N * max_tokens), ``max_tokens`` defaulting to T: a
       constant normaliser, so the gradient is not biased towards short answers.
+
+    ``totals = (rows, answer_tokens)`` of the whole batch makes this the loss of one micro-batch of it:
+    summed over the micro-batches it equals the whole-batch loss, for every aggregation.
 
     Returns ``(loss, stats)``; stats are 0-dim detached float tensors:
     ``pg_loss`` (the policy-gradient part, same aggregation), ``kl`` (mean k3 over answer tokens,
@@ -299,7 +310,7 @@ def grpo_loss(
         kl, n_clamped = zeros, torch.zeros((), dtype=torch.long, device=logp.device)
         per_token = pg
 
-    loss = _aggregate(per_token, maskf, aggregation, max_tokens)
+    loss = _aggregate(per_token, maskf, aggregation, max_tokens, totals)
 
     with torch.no_grad():
         n_tok = maskf.sum()

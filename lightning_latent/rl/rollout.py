@@ -45,6 +45,14 @@ class RolloutBatch:
     def group_size(self) -> int:
         return self.rewards.shape[1]
 
+    def rows(self, start: int, stop: int) -> "RolloutBatch":
+        """Rows ``start:stop`` (a micro-batch for the update; ``rewards`` / ``golds`` stay whole, the
+        replay does not use them)."""
+        sl = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return RolloutBatch(sl(self.prompt_ids), sl(self.prompt_mask), sl(self.seeds), sl(self.tokens),
+                            sl(self.logprobs), sl(self.mask), self.rewards, self.answers[start:stop], self.golds,
+                            sl(self.final_thought))
+
     def select_groups(self, keep: Tensor) -> "RolloutBatch":
         """The rollouts of the groups where ``keep`` [B] is True (dynamic sampling)."""
         k = self.group_size
