@@ -37,7 +37,7 @@ from .model.build import (
     tokenizer_from_bytes,
     tokenizer_to_bytes,
 )
-from .model.latent_lm import LatentLM, generate
+from .model.latent_lm import LatentLM, generate, max_positions
 from .model.perturb import PerturbConfig, Perturber
 from .rl.grpo import group_advantages, group_stats, grpo_loss, select_mixed_groups
 from .rl.rewards import answer_key, answers_equal, extract_answer, get_reward
@@ -234,6 +234,10 @@ class LatentReasoner(L.LightningModule):
         if init_sd is not None:
             load_weights(lm, init_sd, init_from)
         self.layout = Layout(self.tokenizer, curriculum, max_length)
+        limit = max_positions(lm)
+        if limit is not None and max_length > limit:
+            raise ValueError(f"max_length={max_length} exceeds the model's {limit} learned positions "
+                             f"(n_positions): set --model.max_length {limit} or less")
         feedback = curriculum.mode != "pause_as_thought"
         self.model = LatentLM(lm, self.layout.latent_id, self.layout.start_id, self.layout.end_id, feedback)
         self.perturber = Perturber(lm, perturb)
@@ -577,7 +581,15 @@ class LatentReasoner(L.LightningModule):
     def answer(self, records: list[Record], stage: int, cot: bool) -> tuple[list[str | None], list[str]]:
         """Greedy answers with the perturbation off: the headline pass@1."""
         self.model.eval()
-        pb = collate_prompts([self.layout.prompt(r, stage, cot) for r in records], self.layout.pad_id)
+        prompts = [self.layout.prompt(r, stage, cot) for r in records]
+        limit = max_positions(self.model.lm)
+        if limit is not None:
+            longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+            if len(prompts[longest]) + self.ecfg.max_new_tokens > limit:
+                raise ValueError(f"evaluation record {records[longest].idx}: its prompt has {len(prompts[longest])} "
+                                 f"tokens, plus evaluation.max_new_tokens={self.ecfg.max_new_tokens} that exceeds "
+                                 f"the model's {limit} positions")
+        pb = collate_prompts(prompts, self.layout.pad_id)
         gen = generate(self.model, pb["input_ids"].to(self.device), pb["attention_mask"].to(self.device),
                        self.ecfg.max_new_tokens, self.layout.eos_id, self.layout.pad_id)
         texts = self.tokenizer.batch_decode([t[: int(m.sum())] for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())])

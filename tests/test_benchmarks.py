@@ -1,6 +1,6 @@
 """The benchmark scripts run end to end in their ``--tiny`` mode and print one JSON object last.
 
-The three scripts start together (most of their time is interpreter and library start-up) and are
+The scripts start together (most of their time is interpreter and library start-up) and are
 checked one by one.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("rollout", "train_step", "ddp")
+SCRIPTS = ("rollout", "train_step", "ddp", "memory")
 MACHINE_KEYS = {"platform", "cpu_count", "torch_threads"}
 
 pytestmark = pytest.mark.slow
@@ -82,3 +82,18 @@ def test_ddp_tiny(results):
     assert r["threads_per_process"] == 1
     assert r["identical_outputs"] is True  # same rollouts and same parameters on 1 and 2 processes
     assert r["scaling_efficiency"] > 0
+
+
+def test_memory_tiny(results):
+    r = results["memory"]
+    _common(r, "memory")
+    rows = r["rows"]
+    assert [(x["k"], x["micro_batch_rows"]) for x in rows] == [(2, None), (4, None), (4, 2)]
+    for x in rows:
+        assert x["peak_mib"] > 0 and x["peak_increase_mib"] >= 0 and x["step_s"] > 0
+        assert x["rows"] == x["k"]
+
+
+def test_gpu_script_is_valid_bash():
+    p = subprocess.run(["bash", "-n", str(BENCH / "gpu_run.sh")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -427,3 +427,20 @@ def test_cache_argument_name_and_silent_drop_guard():
     m.__dict__["_cache_kwarg"] = "not_a_cache_argument"  # what a renamed argument looks like
     with pytest.raises(RuntimeError, match="did not extend the KV cache"):
         m(ids)
+
+
+def test_prompts_past_the_learned_positions_are_refused_by_name():
+    """GPT-2 has n_positions learned positions; a longer prompt used to end in an IndexError deep inside
+    the embedding lookup (seen with ProsQA prompts and a small tokenizer)."""
+    from lightning_latent.model.build import ModelConfig
+    from lightning_latent.module import LatentReasoner
+
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
+    m = LatentLM(lm, 47, 48, 49)
+    ids = torch.ones(1, 12, dtype=torch.long)
+    generate(m, ids, torch.ones_like(ids), 4, 0, 0)  # 12 + 4 = 16 fits
+    with pytest.raises(ValueError, match="13 tokens plus max_new_tokens=4 exceeds the model's 16 learned positions"):
+        ids = torch.ones(1, 13, dtype=torch.long)
+        generate(m, ids, torch.ones_like(ids), 4, 0, 0)
+    with pytest.raises(ValueError, match=r"max_length=600 exceeds the model's 512 learned positions"):
+        LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=512), max_length=600)

@@ -34,6 +34,13 @@ class LatentOutput:
     cache: DynamicCache | None = None
 
 
+def max_positions(lm: nn.Module) -> int | None:
+    """The number of learned absolute positions (GPT-2's ``n_positions``), past which the position
+    embedding lookup fails; None for rotary / relative models, which have no hard limit."""
+    n = getattr(getattr(lm, "config", None), "n_positions", None)
+    return int(n) if isinstance(n, int) else None
+
+
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids that restart at 0 after left padding (pads get 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -195,6 +202,10 @@ def generate(
     """
     n, tp = input_ids.shape
     dev = input_ids.device
+    limit = max_positions(model.lm)
+    if limit is not None and tp + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {tp} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"{limit} learned positions: shorten the prompts or lower max_new_tokens")
     if temperature > 0 and seeds is None:
         raise ValueError("sampling (temperature > 0) needs one seed per row")
     pos = positions_from_mask(attention_mask)
