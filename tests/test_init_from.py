@@ -26,6 +26,7 @@ def hf_folder(tmp_path):
 
 
 def make(folder, **kw) -> LatentReasoner:
+    kw.setdefault("max_length", 128)  # the tiny model has 128 learned positions
     return LatentReasoner(model=ModelConfig(name_or_path=str(folder), attn_implementation="eager"),
                           schedule=[Phase("grpo", steps=1)], **kw)
 
