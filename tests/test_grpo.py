@@ -365,3 +365,26 @@ def test_micro_batch_losses_sum_to_the_whole_batch(aggregation):
     assert torch.allclose(sum(parts), whole, atol=1e-7)
     assert torch.allclose(gm, gw, atol=1e-7)
     assert gw.abs().sum() > 0
+
+
+_NUM = st.one_of(st.integers(-10**30, 10**30), st.decimals(allow_nan=False, allow_infinity=False, places=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(prefix=st.text(max_size=80), n=_NUM, commas=st.booleans(), dollar=st.booleans(),
+       junk=st.text(max_size=40).filter(lambda x: "###" not in x), special=st.sampled_from(["", "<|eos|>", "<|endoftext|>", " <|latent|>"]))
+def test_property_extract_answer(prefix, n, commas, dollar, junk, special):
+    """Random, unicode, huge, negative and comma-grouped answers after the last marker: extraction never
+    raises, returns None only without a marker, and a clean numeric answer compares equal to its gold."""
+    s = f"{n:,}" if commas and isinstance(n, int) else str(n)
+    text = f"{prefix}\n#### {'$' if dollar else ''}{s}{special}\n{junk}"
+    got = extract_answer(text)
+    assert got is not None
+    gold = str(n)
+    assert answers_equal(got, gold), (text, got, gold)
+    # arbitrary text: never raises; None exactly when there is no marker
+    for t in (prefix, junk, prefix + junk):
+        r = extract_answer(t)
+        assert (r is None) == ("###" not in t)
+        answers_equal(r, gold)
+        answers_equal(t, gold)
