@@ -145,6 +145,7 @@ class PhaseSummary(L.Callback):
         summary = {"phases": self.rows, "seconds": round(time.perf_counter() - self._t0, 2),
                    "steps": pl_module.step_count, "skipped_rows": trainer.datamodule.skip_report()
                    if trainer.datamodule is not None else {}}
+        summary["checks"] = phase_checks(self.rows)
         path = Path(log_dir) / "summary.json"
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
@@ -153,5 +154,23 @@ class PhaseSummary(L.Callback):
             lines.append(f"{r['phase']:<16}{r.get('val_pass@1', float('nan')):>12.3f}"
                          f"{r.get('test_pass@1', float('nan')):>13.3f}{r.get('test_ci95', float('nan')):>8.3f}"
                          f"{r.get('test_n', 0):>8d}{r['seconds']:>9.1f}")
+        for c in summary["checks"]:
+            lines.append(f"{'met' if c['met'] else 'NOT met'}: {c['check']} ({c['detail']})")
         lines.append(f"total {summary['seconds']:.1f} s; summary: {path}")
         print("\n".join(lines), flush=True)
+
+
+def phase_checks(rows: list[dict]) -> list[dict]:
+    """Did each RL phase beat the checkpoint it started from, on test pass@1? Said in the summary either
+    way, with the numbers and whether the difference is inside the two intervals (a disappointing result
+    is still the result)."""
+    out = []
+    for prev, row in zip(rows, rows[1:]):
+        if row.get("kind") != "grpo" or "test_pass@1" not in row or "test_pass@1" not in prev:
+            continue
+        a, b = prev["test_pass@1"], row["test_pass@1"]
+        half = prev.get("test_ci95", 0.0) + row.get("test_ci95", 0.0)
+        out.append({"check": f"{row['phase']} above {prev['phase']} (test pass@1)", "met": b > a,
+                    "detail": f"{100 * b:.1f}% vs {100 * a:.1f}%, difference {100 * (b - a):+.1f} points, "
+                              f"n={row.get('test_n')}; sum of the 95% half-widths {100 * half:.1f} points"})
+    return out

@@ -191,3 +191,17 @@ def test_metrics_ddp_sync(tmp_path: Path) -> None:
         assert r["local_n"] == (3 if rank == 0 else 1)
         assert r["pass2"] == pytest.approx((0.7 + 0.0 + 1.0) / 3)
         assert r["maj"] == pytest.approx(2 / 3)
+
+
+def test_phase_checks_say_whether_rl_beat_its_start():
+    from lightning_latent.callbacks import phase_checks
+
+    rows = [{"phase": "cot", "kind": "cot", "test_pass@1": 0.5, "test_ci95": 0.04, "test_n": 500},
+            {"phase": "coconut", "kind": "coconut", "test_pass@1": 0.15, "test_ci95": 0.03, "test_n": 500},
+            {"phase": "dropout_grpo", "kind": "grpo", "test_pass@1": 0.118, "test_ci95": 0.028, "test_n": 500}]
+    (c,) = phase_checks(rows)
+    assert c["check"] == "dropout_grpo above coconut (test pass@1)" and c["met"] is False
+    assert "11.8% vs 15.0%, difference -3.2 points" in c["detail"] and "5.8 points" in c["detail"]
+    rows[2]["test_pass@1"] = 0.2
+    assert phase_checks(rows)[0]["met"] is True
+    assert phase_checks(rows[:2]) == []
