@@ -273,3 +273,26 @@ def test_bad_config_and_unreachable_names_fail_before_training(tmp_path, args, m
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode != 0 and re.search(message, p.stderr), p.stderr[-3000:]
     assert not list(tmp_path.glob("logs/**/*.ckpt"))  # nothing trained
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_rows_are_reported_with_any_number_of_workers(tmp_path, workers):
+    """Bad training lines read inside DataLoader workers still reach the run's skip report."""
+    from lightning_latent.data.datamodule import LatentDataModule
+    from lightning_latent.data.sources import SKIPS
+    from lightning_latent.model.build import ModelConfig
+    from lightning_latent.module import LatentReasoner
+    from lightning_latent.schedule import Phase
+
+    SKIPS._counts.clear()
+    write_gsm8k_folder(tmp_path / "g", n_train=40, bad=3)
+    dm = LatentDataModule(task="gsm8k", path=str(tmp_path / "g"), val_size=4, val_limit=4, test_limit=4,
+                          eval_batch_size=4, shuffle_buffer=0, num_workers=workers)
+    # 12 steps x 4 records = 48 > 36 training rows: the stream wraps once; the first pass skips the three
+    # bad lines (after good rows 7, 13, 19), the second pass reads 12 good rows and so meets the first again
+    m = LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2), schedule=[Phase("cot", steps=12)],
+                       batch_size=4)
+    _trainer(tmp_path, []).fit(m, datamodule=dm)
+    report = dm.skip_report()
+    train_skips = {k: v for k, v in report.items() if k.startswith("gsm8k")}
+    assert sum(train_skips.values()) == 4, report
