@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 import math
 import random
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L

@@ -424,7 +424,7 @@ def test_cache_argument_name_and_silent_drop_guard():
     ids = torch.tensor([[1, 2, 48, 47, 47, 49, 3, 4]])
     out = m(ids)
     assert out.logits.shape == (1, 8, 50)
-    m.__dict__["_cache_kwarg"] = "not_a_cache_argument"  # what a renamed argument looks like
+    m.cache_kwarg = "not_a_cache_argument"  # what a renamed argument looks like
     with pytest.raises(RuntimeError, match="did not extend the KV cache"):
         m(ids)
 

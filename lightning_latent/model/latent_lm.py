@@ -57,6 +57,11 @@ class LatentLM(nn.Module):
         self.lm = lm
         self.latent_id, self.start_id, self.end_id = int(latent_id), int(start_id), int(end_id)
         self.feedback = feedback
+        # The base model's name for the KV-cache argument: ``cache`` (transformers >= 5.2x) or
+        # ``past_key_values`` (earlier 5.x). Read from the signature because a wrong name is not an error:
+        # ``forward(**kwargs)`` swallows it and the model silently runs WITHOUT the cache.
+        params = inspect.signature(self.base.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # The base model's own dropout is never used by rollouts or replays (it would break replay), and
     # Lightning restores submodule modes on its own: the mode of ``lm`` is set explicitly by the caller
@@ -74,18 +79,6 @@ class LatentLM(nn.Module):
     @property
     def base(self) -> nn.Module:
         return self.lm.base_model
-
-    @property
-    def cache_kwarg(self) -> str:
-        """The base model's name for the KV-cache argument: ``cache`` (transformers >= 5.2x) or
-        ``past_key_values`` (earlier 5.x). Read from the signature because a wrong name is not an error:
-        ``forward(**kwargs)`` swallows it and the model silently runs WITHOUT the cache."""
-        name = self.__dict__.get("_cache_kwarg")
-        if name is None:
-            params = inspect.signature(self.base.forward).parameters
-            name = "cache" if "cache" in params else "past_key_values"
-            self.__dict__["_cache_kwarg"] = name
-        return name
 
     def _run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache) -> Tensor:
         before = cache.get_seq_length()
