@@ -41,6 +41,9 @@ step rollout_gpu_bf16   90 python3 benchmarks/rollout.py $G --ref-rows 8
 step rollout_sweep_gpu  120 python3 benchmarks/rollout.py $G --sweep
 step train_step_gpu     90 python3 benchmarks/train_step.py $G --batch 32 --prompts 4 --k 8 --repeats 5
 step train_step_k32_gpu 60 python3 benchmarks/train_step.py $G --batch 32 --prompts 1 --k 32 --repeats 3
+# activation checkpointing of the latent passes (GPU memory), and whether torch.compile pays on the GPU
+step memory_gpu         90 python3 benchmarks/memory.py $G --ks 32 --latents 6 12 --micro
+step compile_gpu        150 python3 benchmarks/compile.py $G --targets mlp blocks
 wait $CPID
 wait $QPID
 tail -1 "$OUT/quickstart.log" | tee -a "$LOG"

@@ -67,6 +67,40 @@ def sft_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
+def make_steps(setup, pert, b: dict, rb: RolloutBatch, dtype: str, max_new: int) -> dict:
+    """The three timed steps (forward + backward, no optimizer step) as closures over fixed batches."""
+    model, lm = setup.model, setup.lm
+    adv = group_advantages(rb.rewards, "mean").flatten()
+    maskf = rb.mask.float()
+
+    def coconut():
+        model.train()
+        with autocast(dtype):
+            out = model(b["input_ids"], b["attention_mask"], b["position_ids"])
+            loss = sft_loss(out.logits, b["labels"])
+        loss.backward()
+        return loss
+
+    def plain():
+        model.train()
+        with autocast(dtype):
+            logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        position_ids=b["position_ids"], use_cache=False).logits
+            loss = sft_loss(logits, b["labels"])
+        loss.backward()
+        return loss
+
+    def grpo():
+        model.train()
+        with autocast(dtype):
+            logp, _ = replay_logprobs(model, pert, rb, 1.0)
+            loss, _ = grpo_loss(logp, rb.logprobs, adv, maskf, None, 0.0, 0.2, None, "grpo", max_tokens=max_new)
+        loss.backward()
+        return loss, logp
+
+    return {"coconut": coconut, "plain": plain, "grpo": grpo}
+
+
 def main(argv=None) -> dict:
     ap = base_parser(__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=None, help="training rows (coconut / plain)")
@@ -91,38 +125,12 @@ def main(argv=None) -> dict:
     pert = Perturber(lm, PerturbConfig(arm="dropout_shared", p=0.1, sites=["attn", "mlp"], scope="latent"))
     b = train_batch(setup, args.batch, args.latent, args.seed)
     rb = rollout_batch(setup, pert, args.prompts, args.k, args.latent, args.max_new_tokens, args.seed)
-    adv = group_advantages(rb.rewards, "mean").flatten()
     maskf = rb.mask.float()
     n_params = setup.n_params()
     n_lat = int((b["input_ids"] == setup.latent_id).sum(1).max())
 
-    def coconut():
-        model.train()
-        with autocast(args.dtype):
-            out = model(b["input_ids"], b["attention_mask"], b["position_ids"])
-            loss = sft_loss(out.logits, b["labels"])
-        loss.backward()
-        return loss
-
-    def plain():
-        model.train()
-        with autocast(args.dtype):
-            logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                        position_ids=b["position_ids"], use_cache=False).logits
-            loss = sft_loss(logits, b["labels"])
-        loss.backward()
-        return loss
-
-    def grpo():
-        model.train()
-        with autocast(args.dtype):
-            logp, _ = replay_logprobs(model, pert, rb, 1.0)
-            loss, _ = grpo_loss(logp, rb.logprobs, adv, maskf, None, 0.0, 0.2, None, "grpo",
-                                max_tokens=args.max_new_tokens)
-        loss.backward()
-        return loss, logp
-
-    steps = {"coconut": coconut, "plain": plain, "grpo": grpo}
+    steps = make_steps(setup, pert, b, rb, args.dtype, args.max_new_tokens)
+    grpo = steps["grpo"]
     tokens = {"coconut": b["input_ids"].numel(), "plain": b["input_ids"].numel(),
               "grpo": rb.prompt_ids.numel() + rb.tokens.numel()}
     times = {k: [] for k in steps}

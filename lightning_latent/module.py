@@ -239,7 +239,8 @@ class LatentReasoner(L.LightningModule):
             raise ValueError(f"max_length={max_length} exceeds the model's {limit} learned positions "
                              f"(n_positions): set --model.max_length {limit} or less")
         feedback = curriculum.mode != "pause_as_thought"
-        self.model = LatentLM(lm, self.layout.latent_id, self.layout.start_id, self.layout.end_id, feedback)
+        self.model = LatentLM(lm, self.layout.latent_id, self.layout.start_id, self.layout.end_id, feedback,
+                              checkpoint_latents=model.checkpoint_latents)
         self.perturber = Perturber(lm, perturb)
         self.eval_perturber = Perturber(lm, evaluation.perturb) if evaluation.perturb is not None else self.perturber
         self.reward_fn = get_reward(grpo.reward)
@@ -385,24 +386,24 @@ class LatentReasoner(L.LightningModule):
         if isinstance(m, torch.nn.parallel.DistributedDataParallel):
             m.require_backward_grad_sync = False
 
-    def _optimizer_step(self, opt, loss: Tensor | None, ids: Any, backward=None) -> tuple[bool, float]:
+    def _optimizer_step(self, opt, loss: Tensor | None, ids: Any, backward=None) -> tuple[bool, float, Tensor]:
         """Backward, sync, clip, step; a non-finite loss or gradient skips the update (counted).
 
         ``backward`` (instead of ``loss``): a function that runs the backward passes itself (micro-batches)
-        and returns the total loss, detached."""
+        and returns the total loss, detached. Returns (stepped, grad norm, the detached loss)."""
         opt.zero_grad(set_to_none=True)
         if backward is None:
             self.manual_backward(loss)
         else:
             loss = backward()
-        self._last_loss = loss.detach()
+        loss = loss.detach()
         for p, m in self._grad_masks:
             if p.grad is not None:
                 p.grad.mul_(m)
         self._sync_grads()
         params = [p for p in self.model.parameters() if p.grad is not None]
         gn = torch.nn.utils.clip_grad_norm_(params, self.ocfg.grad_clip) if params else torch.zeros(())
-        if not (torch.isfinite(loss.detach()) and torch.isfinite(gn)):
+        if not (torch.isfinite(loss) and torch.isfinite(gn)):
             self.bad_steps += 1
             self.log("train/nonfinite_skips", float(self.bad_steps))
             log.warning("non-finite loss or gradient at step %d (batch %s): update skipped (%d in a row)",
@@ -414,10 +415,10 @@ class LatentReasoner(L.LightningModule):
                 raise RuntimeError(f"{self.bad_steps} non-finite steps in a row (limit optim.max_bad_steps="
                                    f"{self.ocfg.max_bad_steps}) at step {self.step_count}, last batch {ids}; the "
                                    f"weights are those before them, saved to {path}")
-            return False, float("nan")
+            return False, float("nan"), loss
         self.bad_steps = 0
         opt.step()
-        return True, float(gn)
+        return True, float(gn), loss
 
     def _stop_checkpoint(self) -> str:
         """Save the state (weights untouched by the skipped updates) before a run stops on bad numbers."""
@@ -465,7 +466,7 @@ class LatentReasoner(L.LightningModule):
         out = self.model(b["input_ids"], b["attention_mask"], b["position_ids"])
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE)
-        ok, gn = self._optimizer_step(opt, loss, b["idx"].tolist()[:8])
+        ok, gn, _ = self._optimizer_step(opt, loss, b["idx"].tolist()[:8])
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log(f"train/{seg.name}/loss", loss.detach())
         if ok:
@@ -538,8 +539,7 @@ class LatentReasoner(L.LightningModule):
                     parts.append((lp.detach(), None if en is None else en.detach()))
                 return total
 
-            ok, gn = self._optimizer_step(opt, None, [r.idx for r in records][:8], backward=backward)
-            loss = self._last_loss
+            ok, gn, loss = self._optimizer_step(opt, None, [r.idx for r in records][:8], backward=backward)
             if it == 0:
                 logp = torch.cat([p for p, _ in parts])
                 ent = torch.cat([e for _, e in parts])

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("rollout", "train_step", "ddp", "memory")
+SCRIPTS = ("rollout", "train_step", "ddp", "memory", "compile")
 MACHINE_KEYS = {"platform", "cpu_count", "torch_threads"}
 
 pytestmark = pytest.mark.slow
@@ -88,10 +88,23 @@ def test_memory_tiny(results):
     r = results["memory"]
     _common(r, "memory")
     rows = r["rows"]
-    assert [(x["k"], x["micro_batch_rows"]) for x in rows] == [(2, None), (4, None), (4, 2)]
+    assert [(x["k"], x["micro_batch_rows"], x["checkpoint_latents"]) for x in rows] == [
+        (2, None, False), (4, None, False), (4, 2, False), (4, None, True)]
     for x in rows:
         assert x["peak_mib"] > 0 and x["peak_increase_mib"] >= 0 and x["step_s"] > 0
         assert x["rows"] == x["k"]
+
+
+def test_compile_tiny(results):
+    r = results["compile"]
+    _common(r, "compile")
+    (t,) = r["targets"]
+    assert t["target"] == "mlp"
+    assert "error" not in t, t.get("error")  # inductor needs a C++ compiler: the image has one
+    assert t["same_result"] == {"coconut": True, "plain": True, "grpo": True, "rollout": True}
+    for key in ("eager_s", "compiled_s", "compile_s", "speedup"):
+        assert set(t[key]) == {"coconut", "plain", "grpo", "rollout"}, key
+    assert t["unique_graphs"] >= 1  # something was really compiled
 
 
 def test_gpu_script_is_valid_bash():

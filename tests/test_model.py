@@ -185,6 +185,112 @@ def test_kv_cached_equals_naive(padding, attn):
     assert (pause[valid] - slow[valid]).abs().max().item() > 1e-2
 
 
+def _grads_of(model, lm, ids, am, pos, proj, valid, pert=None, seeds=None, answer_from=None):
+    """Logits and every parameter's gradient of a fixed projection of the logits. The perturber's rows
+    end before backward, as in the GRPO update (a checkpointed pass must not depend on them then)."""
+    lm.zero_grad(set_to_none=True)
+    if pert is not None:
+        with pert.rows(seeds):
+            logits = model(ids, am, pos, perturber=pert, answer_from=answer_from).logits
+    else:
+        logits = model(ids, am, pos).logits
+    (logits * proj * valid[..., None]).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padding", ["left", "aligned"])
+@pytest.mark.parametrize("arm", ["none", "dropout_shared", "dropout_per_step", "gaussian"])
+def test_checkpointed_latent_passes_give_the_same_logits_and_gradients(padding, attn, arm):
+    from lightning_latent.model.perturb import PerturbConfig, Perturber
+
+    lm = tiny_gpt2(V, seed=5)
+    lm.config._attn_implementation = attn
+    plain = LatentLM(lm, L_ID, S_ID, E_ID).eval()
+    ckpt = LatentLM(lm, L_ID, S_ID, E_ID, checkpoint_latents=True).eval()
+    ids, am, pos = _batch(padding)
+    valid = am.bool()
+    torch.manual_seed(1)
+    proj = torch.randn(ids.shape[0], ids.shape[1], V)
+    pert = seeds = answer_from = None
+    if arm != "none":
+        pert = Perturber(lm, PerturbConfig(arm=arm, p=0.3, sites=["attn", "mlp", "thought"], noise_scale=0.5))
+        seeds = torch.tensor([11, 12, 13])
+        answer_from = ids.shape[1] - 2
+    a, ga = _grads_of(plain, lm, ids, am, pos, proj, valid, pert, seeds, answer_from)
+    b, gb = _grads_of(ckpt, lm, ids, am, pos, proj, valid, pert, seeds, answer_from)
+    assert torch.equal(a, b)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6, msg=n)
+    if pert is not None:
+        # the perturbation is really on: without it the logits differ
+        c, _ = _grads_of(plain, lm, ids, am, pos, proj, valid)
+        assert (c[valid] - a[valid]).abs().max() > 1e-3
+
+
+def test_checkpointed_latent_passes_replay_the_base_dropout():
+    """Supervised phases use the base model's own dropout: the recomputation must draw the same masks."""
+    torch.manual_seed(5)
+    cfg = GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.3,
+                     embd_pdrop=0.3, attn_pdrop=0.3, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    lm = GPT2LMHeadModel(cfg)
+    ids, am, pos = _batch("aligned")
+    valid = am.bool()
+    proj = torch.randn(ids.shape[0], ids.shape[1], V)
+    out = []
+    for flag in (False, True):
+        model = LatentLM(lm, L_ID, S_ID, E_ID, checkpoint_latents=flag).train()
+        model.set_base_dropout(True)
+        torch.manual_seed(7)
+        out.append(_grads_of(model, lm, ids, am, pos, proj, valid))
+    (a, ga), (b, gb) = out
+    assert torch.equal(a, b)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _saved_bytes(model, ids, am, pos) -> int:
+    """Bytes of the distinct activation storages (weights excluded) that autograd holds for backward
+    after one forward: tensors saved outside checkpointed regions, plus what a checkpointed pass keeps (its inputs' K/V chunks are held by
+    its recomputation; they are counted through the returned cache, which holds the same values)."""
+    seen: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, am, pos, return_cache=True)
+    extra = 0
+    if model.checkpoint_latents:
+        extra = sum(lay.keys.nbytes + lay.values.nbytes for lay in out.cache.layers)
+    return sum(seen.values()) + extra
+
+
+def test_checkpointed_latent_passes_keep_less_for_backward():
+    lm = tiny_gpt2(V, seed=6, n_layer=2, n_embd=64)
+    lm.config._attn_implementation = "sdpa"
+    figures = {}
+    for n_lat in (2, 12):
+        row = [2, 3, 4, S_ID] + [L_ID] * n_lat + [E_ID, 20, 1]
+        ids = torch.tensor([row] * 4)
+        am = torch.ones_like(ids)
+        pos = positions_from_mask(am)
+        for flag in (False, True):
+            model = LatentLM(lm, L_ID, S_ID, E_ID, checkpoint_latents=flag).eval()
+            figures[(n_lat, flag)] = _saved_bytes(model, ids, am, pos)
+    plain_growth = figures[(12, False)] - figures[(2, False)]
+    ckpt_growth = figures[(12, True)] - figures[(2, True)]
+    # 10 more thoughts: the plain passes keep a full-length K/V copy each and their activations;
+    # checkpointed ones a K/V column each
+    assert figures[(12, True)] < 0.5 * figures[(12, False)], figures
+    assert ckpt_growth < 0.2 * plain_growth, figures
+
+
 def test_final_thought_is_last_latent_hidden(make_latent_lm):
     lm = tiny_gpt2(V, seed=4)
     model = LatentLM(lm, L_ID, S_ID, E_ID).eval()

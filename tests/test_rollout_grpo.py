@@ -274,7 +274,8 @@ def test_replay_treats_generated_latent_ids_as_tokens(setup):
 @pytest.mark.parametrize("aggregation", ["grpo", "dapo"])
 def test_micro_batched_grpo_update_equals_whole_batch(tmp_path, aggregation):
     """The LightningModule's GRPO step with ``grpo.micro_batch_rows=3`` (8 rollouts: 3 + 3 + 2 rows, one
-    backward each) leaves the same parameters as one backward over the whole batch (mu=2, beta>0)."""
+    backward each) leaves the same parameters as one backward over the whole batch (mu=2, beta>0), and
+    so does the whole batch with checkpointed latent passes (``model.checkpoint_latents``)."""
     import lightning as L
 
     import faults  # noqa: F401  (registers the text_hash reward: mixed groups, a non-zero gradient)
@@ -284,9 +285,9 @@ def test_micro_batched_grpo_update_equals_whole_batch(tmp_path, aggregation):
     from lightning_latent.module import GRPOConfig, LatentReasoner
     from lightning_latent.schedule import Phase
 
-    def run(micro):
+    def run(micro, ckpt=False):
         L.seed_everything(0, verbose=False)
-        m = LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2),
+        m = LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2, checkpoint_latents=ckpt),
                            curriculum=CurriculumConfig(c_thought=1, max_latent_stage=2),
                            schedule=[Phase("grpo", steps=2)], grpo_prompts=2,
                            grpo=GRPOConfig(group_size=4, max_new_tokens=4, reward="text_hash", mu=2, beta=0.05,
@@ -303,5 +304,7 @@ def test_micro_batched_grpo_update_equals_whole_batch(tmp_path, aggregation):
     s1, micro = run(3)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
     assert any(not torch.equal(s0[k], whole[k]) for k in s0)  # the update did something
+    s2, ckpt = run(None, ckpt=True)
     for k in whole:
         assert torch.allclose(whole[k], micro[k], atol=1e-6), k
+        assert torch.allclose(whole[k], ckpt[k], atol=1e-6), k

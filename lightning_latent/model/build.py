@@ -40,6 +40,9 @@ class ModelConfig:
     n_positions: int = 256
     dropout: float = 0.0  # the base model's own dropout; used only in supervised phases
     attn_implementation: str = "sdpa"
+    # Recompute each latent pass in backward (torch.utils.checkpoint) instead of keeping its activations:
+    # less memory as thoughts grow, about one more forward of the latent window in time. Same gradients.
+    checkpoint_latents: bool = False
 
     def validate(self) -> None:
         for k in ("n_layer", "n_embd", "n_head", "n_positions"):

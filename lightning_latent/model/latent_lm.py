@@ -13,6 +13,14 @@ One forward runs in three kinds of pass over a shared ``DynamicCache``:
 So a latent step computes one new position per row and never recomputes the prefix, and the whole
 batch (many prompts x K rollouts) goes through each pass together. Gradients flow through every
 thought and through the cache; nothing is detached.
+
+With ``checkpoint_latents`` (gradients on, at least one thought) every pass runs under
+``torch.utils.checkpoint``. A plain latent pass keeps, for backward, the full-length K/V that the
+cache's concatenation made for it (O(steps x length) memory per layer), and the prefix and last passes
+keep all their activations until the end of backward. A checkpointed pass is a pure function of its
+input columns and the K/V chunks of the earlier passes (shared, not copied); it keeps only its own new
+K/V columns and recomputes the rest in backward, one pass at a time. transformers' own gradient
+checkpointing cannot do this: it turns the cache off.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
 
 from .perturb import POST_LATENT_STEP, Perturber, answer_uniforms
@@ -46,17 +55,38 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _cache_layers(cache: DynamicCache) -> list:
+    """The per-layer K/V stores of a cache; the checkpointed window supports plain (full) layers only."""
+    layers = list(cache.layers)
+    for lay in layers:
+        if getattr(lay, "is_sliding", False) or not hasattr(lay, "keys"):
+            raise NotImplementedError(
+                f"model.checkpoint_latents supports full-attention KV caches only, not {type(lay).__name__}")
+    return layers
+
+
+def _cache_from_chunks(config, chunks) -> DynamicCache:
+    """A fresh cache holding, per layer, the concatenation of that layer's K and V chunks."""
+    cache = DynamicCache(config=config)
+    for i, (ks, vs) in enumerate(chunks):
+        # ``update`` on an empty layer copies its argument: skip our own ``cat`` for a single chunk
+        cache.update(ks[0] if len(ks) == 1 else torch.cat(ks, -2), vs[0] if len(vs) == 1 else torch.cat(vs, -2), i)
+    return cache
+
+
 class LatentLM(nn.Module):
     """Coconut wrapper: ``lm`` is any HF causal LM with ``base_model`` and an output embedding.
 
     ``feedback=False`` treats latent slots as ordinary (pause) tokens: the ``pause_as_thought`` baseline.
     """
 
-    def __init__(self, lm: PreTrainedModel, latent_id: int, start_id: int, end_id: int, feedback: bool = True):
+    def __init__(self, lm: PreTrainedModel, latent_id: int, start_id: int, end_id: int, feedback: bool = True,
+                 checkpoint_latents: bool = False):
         super().__init__()
         self.lm = lm
         self.latent_id, self.start_id, self.end_id = int(latent_id), int(start_id), int(end_id)
         self.feedback = feedback
+        self.checkpoint_latents = checkpoint_latents
         # The base model's name for the KV-cache argument: ``cache`` (transformers >= 5.2x) or
         # ``past_key_values`` (earlier 5.x). Read from the signature because a wrong name is not an error:
         # ``forward(**kwargs)`` swallows it and the model silently runs WITHOUT the cache.
@@ -92,6 +122,36 @@ class LatentLM(nn.Module):
                 f"{self.cache_kwarg!r} (length {before} -> {cache.get_seq_length()}, expected "
                 f"{before + embeds.shape[1]}); this transformers version's cache argument is not supported")
         return out.last_hidden_state
+
+    def _checkpointed_pass(self, inp: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                           chunks: list[tuple[list[Tensor], list[Tensor]]],
+                           pert: Perturber | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """One pass under ``torch.utils.checkpoint``, as a pure function of ``inp`` and the K/V chunks.
+
+        The perturber's per-pass factors are captured now and put back during the recomputation in
+        backward, which runs after the caller's ``perturber.rows`` has ended. Returns the hidden states
+        and each layer's new K/V columns (copied, so they do not keep the full-length tensors alive).
+        """
+        past = [(tuple(ks), tuple(vs)) for ks, vs in chunks]  # a snapshot: the lists grow after this pass
+        factors = dict(pert._factors) if pert is not None else None
+        n_new = inp.shape[1]
+
+        def pure(x: Tensor) -> tuple[Tensor, ...]:
+            cache = _cache_from_chunks(self.lm.config, past)
+            if factors is not None:
+                held, pert._factors = pert._factors, factors
+            try:
+                h = self._run(x, attention_mask, position_ids, cache)
+            finally:
+                if factors is not None:
+                    pert._factors = held
+            new = []
+            for lay in _cache_layers(cache):
+                new += [lay.keys[:, :, -n_new:].clone(), lay.values[:, :, -n_new:].clone()]
+            return (h, *new)
+
+        h, *kv = checkpoint(pure, inp, use_reentrant=False)
+        return h, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
 
     def forward(
         self,
@@ -135,12 +195,30 @@ class LatentLM(nn.Module):
             o = ordinal[:, col]
             return torch.where(is_lat[:, col], o, torch.where(o > 0, torch.full_like(o, POST_LATENT_STEP), o))
 
-        def run_pass(c0: int, c1: int, step: Tensor, inp: Tensor) -> Tensor:
+        def prepare(c0: int, c1: int, step: Tensor, inp: Tensor) -> Tensor:
             if pert is not None:
                 af = None if answer_from is None else answer_from - c0
                 pert.begin_pass(step, c1 - c0, af, d, dev, inp.dtype)
                 inp = pert.embed(inp)
-            return self._run(inp, attention_mask[:, :c1], position_ids[:, c0:c1], cache)
+            return inp
+
+        # Checkpointed passes (see the module doc): only with more than one pass, since a single pass's
+        # backward needs all of its activations at once anyway. ``chunks`` holds every earlier pass's K/V.
+        ckpt = self.checkpoint_latents and torch.is_grad_enabled() and w1 > w0
+        chunks: list[tuple[list[Tensor], list[Tensor]]] = []
+
+        def run_pass(c0: int, c1: int, step: Tensor, inp: Tensor) -> Tensor:
+            inp = prepare(c0, c1, step, inp)
+            if not ckpt:
+                return self._run(inp, attention_mask[:, :c1], position_ids[:, c0:c1], cache)
+            h, new_kv = self._checkpointed_pass(inp, attention_mask[:, :c1], position_ids[:, c0:c1], chunks, pert)
+            if not chunks:
+                chunks.extend(([k], [v]) for k, v in new_kv)
+            else:
+                for (ks, vs), (k, v) in zip(chunks, new_kv):
+                    ks.append(k)
+                    vs.append(v)
+            return h
 
         hiddens: list[Tensor] = []
         final_thought = None
@@ -161,6 +239,8 @@ class LatentLM(nn.Module):
             # after the window every row is past its latents (POST) or has none (step 0)
             step = torch.where(ordinal[:, -1] > 0, torch.full_like(zeros, POST_LATENT_STEP), zeros)
             hiddens.append(run_pass(w1, t, step, embeds[:, w1:]))
+        if ckpt and return_cache:
+            cache = _cache_from_chunks(self.lm.config, chunks)
         hidden = torch.cat(hiddens, 1) if len(hiddens) > 1 else hiddens[0]
         logits = self.lm.get_output_embeddings()(hidden[:, logits_from:]) if logits_from < t else None
         return LatentOutput(logits, hidden, final_thought, cache if return_cache else None)
