@@ -31,7 +31,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 
 from .perturb import POST_LATENT_STEP, Perturber, answer_uniforms
 
@@ -64,45 +63,6 @@ def _cache_layers(cache: DynamicCache) -> list:
             raise NotImplementedError(
                 f"model.checkpoint_latents supports full-attention KV caches only, not {type(lay).__name__}")
     return layers
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A cache layer that writes each pass's K/V into buffers allocated once, for inference.
-
-    ``DynamicLayer`` concatenates at every pass: an O(length) copy of K and V per layer per pass, 15% of
-    a CPU rollout in the profile (docs/performance.md section 4). Here a pass copies only its own columns
-    and the layer exposes views of the filled part, so HF's mask code (which reads the cache's length)
-    runs as with a dynamic cache. In-place writes are invisible to autograd: no-grad passes only.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = int(capacity)
-        self._len = 0
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            raise RuntimeError("PreallocatedLayer is for no-grad passes (generation) only")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            b, h, _, d = key_states.shape
-            self._kbuf = key_states.new_empty(b, h, self.capacity, d)
-            self._vbuf = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
-        end = self._len + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"the preallocated KV cache holds {self.capacity} positions; {end} were needed")
-        self._kbuf[:, :, self._len : end].copy_(key_states)
-        self._vbuf[:, :, self._len : end].copy_(value_states)
-        self._len = end
-        self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
-        return self.keys, self.values
-
-
-def preallocated_cache(config, capacity: int) -> DynamicCache:
-    """A ``DynamicCache`` whose full-attention layers are :class:`PreallocatedLayer` (others unchanged)."""
-    cache = DynamicCache(config=config)
-    cache.layers = [PreallocatedLayer(capacity) if type(lay) is DynamicLayer else lay for lay in cache.layers]
-    return cache
 
 
 def _cache_from_chunks(config, chunks) -> DynamicCache:
@@ -202,12 +162,9 @@ class LatentLM(nn.Module):
         answer_from: int | None = None,
         logits_from: int = 0,
         return_cache: bool = False,
-        cache_capacity: int | None = None,
     ) -> LatentOutput:
         """Run the recurrence. ``answer_from``: first answer column (scope ``latent`` leaves it unperturbed;
-        latent ids from there on are ordinary tokens, as in :func:`generate`). ``cache_capacity``: with
-        gradients off, preallocate the KV cache for that many positions (generation passes its prompt
-        length plus ``max_new_tokens``) instead of growing it by concatenation."""
+        latent ids from there on are ordinary tokens, as in :func:`generate`)."""
         n, t = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
@@ -222,10 +179,7 @@ class LatentLM(nn.Module):
             # Answer columns are never thoughts: ``generate`` embeds a sampled ``<|latent|>`` id as an
             # ordinary token, so the replay of that answer must too (else the log-probs differ).
             is_lat[:, answer_from:] = False
-        if cache_capacity is not None and not torch.is_grad_enabled():
-            cache = preallocated_cache(self.lm.config, max(cache_capacity, t))
-        else:
-            cache = DynamicCache(config=self.lm.config)
+        cache = DynamicCache(config=self.lm.config)
 
         ordinal = is_lat.long().cumsum(-1)  # latent ordinal (1-based) at and after each latent slot
         cols = is_lat.any(0).nonzero().flatten()
@@ -311,7 +265,6 @@ def generate(
     temperature: float = 0.0,
     seeds: Tensor | None = None,
     perturber: Perturber | None = None,
-    preallocate: bool = True,
 ) -> Generation:
     """Batched latent prompt + KV-cached answer decoding, per-row EOS.
 
@@ -329,8 +282,7 @@ def generate(
     if temperature > 0 and seeds is None:
         raise ValueError("sampling (temperature > 0) needs one seed per row")
     pos = positions_from_mask(attention_mask)
-    out = model(input_ids, attention_mask, pos, perturber=perturber, logits_from=tp - 1, return_cache=True,
-                cache_capacity=tp + max_new_tokens if preallocate else None)
+    out = model(input_ids, attention_mask, pos, perturber=perturber, logits_from=tp - 1, return_cache=True)
     cache = out.cache
     logits = out.logits[:, -1].float()
     pert = perturber if (perturber is not None and perturber.enabled) else None
