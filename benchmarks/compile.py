@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from common import apply_threads, base_parser, build_setup, emit, machine_info, median, sync  # noqa: E402
 from lightning_latent.model.perturb import PerturbConfig, Perturber  # noqa: E402
-from train_step import make_steps, rollout_batch, train_batch  # noqa: E402
+from train_step import add_step_args, make_steps, resolve_step_args, rollout_batch, train_batch  # noqa: E402
 
 TARGETS = ("mlp", "blocks")
 
@@ -121,23 +121,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--targets", nargs="+", choices=TARGETS, default=None, help="default: mlp blocks")
     ap.add_argument("--warm-cache", action="store_true", help="reuse inductor's on-disk caches (compile_s lower)")
     ap.add_argument("--mode", default=None, help="torch.compile mode (e.g. reduce-overhead on CUDA)")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--prompts", type=int, default=None)
-    ap.add_argument("--k", type=int, default=None)
-    ap.add_argument("--latent", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    add_step_args(ap)
     args = ap.parse_args(argv)
     apply_threads(args)
-    small = args.shapes == "gpt2-small"
-    if args.tiny:
-        args.batch, args.prompts, args.k = args.batch or 4, args.prompts or 2, args.k or 2
-        args.max_new_tokens, args.repeats = min(args.max_new_tokens, 4), args.repeats or 1
-        targets = args.targets or ["mlp"]
-    else:
-        args.batch = args.batch or (4 if small else 32)
-        args.prompts, args.k = args.prompts or (1 if small else 4), args.k or 8
-        args.repeats = args.repeats or (2 if small else 5)
-        targets = args.targets or list(TARGETS)
+    resolve_step_args(args)
+    targets = args.targets or (["mlp"] if args.tiny else list(TARGETS))
     t_start = time.perf_counter()
     results = [measure(args, t) for t in targets]
     return {"benchmark": "compile", "shapes": args.shapes, "dtype": args.dtype, "tiny": args.tiny,

@@ -101,15 +101,17 @@ def make_steps(setup, pert, b: dict, rb: RolloutBatch, dtype: str, max_new: int)
     return {"coconut": coconut, "plain": plain, "grpo": grpo}
 
 
-def main(argv=None) -> dict:
-    ap = base_parser(__doc__.splitlines()[0])
+def add_step_args(ap) -> None:
+    """The batch arguments of the steps (shared with compile.py)."""
     ap.add_argument("--batch", type=int, default=None, help="training rows (coconut / plain)")
     ap.add_argument("--prompts", type=int, default=None, help="GRPO prompts")
     ap.add_argument("--k", type=int, default=None, help="GRPO rollouts per prompt")
     ap.add_argument("--latent", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    args = ap.parse_args(argv)
-    apply_threads(args)
+
+
+def resolve_step_args(args) -> None:
+    """Fill the unset batch sizes and repeats for the shapes (and the seconds-long ``--tiny`` mode)."""
     small = args.shapes == "gpt2-small"
     if args.tiny:
         args.batch, args.prompts, args.k = args.batch or 4, args.prompts or 2, args.k or 2
@@ -120,6 +122,14 @@ def main(argv=None) -> dict:
         args.prompts = args.prompts or (1 if small else 4)
         args.k = args.k or 8
         args.repeats = args.repeats or (2 if small else 5)
+
+
+def main(argv=None) -> dict:
+    ap = base_parser(__doc__.splitlines()[0])
+    add_step_args(ap)
+    args = ap.parse_args(argv)
+    apply_threads(args)
+    resolve_step_args(args)
     setup = build_setup(args.shapes, args.seed, args.latent)
     model, lm = setup.model, setup.lm
     pert = Perturber(lm, PerturbConfig(arm="dropout_shared", p=0.1, sites=["attn", "mlp"], scope="latent"))
