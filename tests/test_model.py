@@ -250,6 +250,40 @@ def test_checkpointed_latent_passes_replay_the_base_dropout():
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_an_unperturbed_forward_ignores_a_perturber_left_active(ckpt):
+    """``perturber=None`` means unperturbed, even while a Perturber on the same model is inside its
+    ``rows`` with factors left by a perturbed pass, in the forward and in a checkpointed recomputation."""
+    from lightning_latent.model.perturb import PerturbConfig, Perturber
+
+    lm = tiny_gpt2(V, seed=5)
+    lm.config._attn_implementation = "sdpa"
+    pert = Perturber(lm, PerturbConfig(arm="dropout_shared", p=0.3, sites=["attn", "mlp"]))
+    model = LatentLM(lm, L_ID, S_ID, E_ID, checkpoint_latents=ckpt).eval()
+    ids, am, pos = _batch("left")
+    valid = am.bool()
+    proj = torch.randn(ids.shape[0], ids.shape[1], V, generator=torch.Generator().manual_seed(2))
+    clean, g_clean = _grads_of(LatentLM(lm, L_ID, S_ID, E_ID).eval(), lm, ids, am, pos, proj, valid)
+    lm.zero_grad(set_to_none=True)
+    with pert.rows(torch.tensor([7, 8, 9])):
+        with torch.no_grad():
+            perturbed = model(ids, am, pos, perturber=pert).logits  # leaves the last pass's factors behind
+        assert pert._factors
+        logits = model(ids, am, pos).logits
+        (logits * proj * valid[..., None]).sum().backward()
+    assert (perturbed[valid] - clean[valid]).abs().max() > 1e-3
+    assert torch.equal(logits.detach(), clean)
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(p.grad, g_clean[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_thought_in_column_0_is_refused_by_name():
+    lm = tiny_gpt2(V, seed=5)
+    ids = torch.tensor([[L_ID, L_ID, E_ID, 5, 6]])
+    with pytest.raises(ValueError, match="column 0"):
+        LatentLM(lm, L_ID, S_ID, E_ID)(ids)
+
+
 def _saved_bytes(model, ids, am, pos) -> int:
     """Bytes of the distinct activation storages (weights excluded) that autograd holds for backward
     after one forward: tensors saved outside checkpointed regions, plus what a checkpointed pass keeps (its inputs' K/V chunks are held by

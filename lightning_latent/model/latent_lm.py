@@ -24,6 +24,7 @@ checkpointing cannot do this: it turns the cache off.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
 
-from .perturb import POST_LATENT_STEP, Perturber, answer_uniforms
+from .perturb import POST_LATENT_STEP, Perturber, answer_uniforms, only_factors
 
 
 @dataclass
@@ -63,6 +64,11 @@ def _cache_layers(cache: DynamicCache) -> list:
             raise NotImplementedError(
                 f"model.checkpoint_latents supports full-attention KV caches only, not {type(lay).__name__}")
     return layers
+
+
+def _unperturbed_if(cond: bool):
+    """Without a perturber, no Perturber's hooks may act (one left active by the caller included)."""
+    return only_factors(None) if cond else contextlib.nullcontext()
 
 
 def _cache_from_chunks(config, chunks) -> DynamicCache:
@@ -128,23 +134,18 @@ class LatentLM(nn.Module):
                            pert: Perturber | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """One pass under ``torch.utils.checkpoint``, as a pure function of ``inp`` and the K/V chunks.
 
-        The perturber's per-pass factors are captured now and put back during the recomputation in
-        backward, which runs after the caller's ``perturber.rows`` has ended. Returns the hidden states
+        The perturber's per-pass factors are captured now and used again during the recomputation in
+        backward, which runs after the caller's ``perturber.rows`` has ended (or inside another's). Returns the hidden states
         and each layer's new K/V columns (copied, so they do not keep the full-length tensors alive).
         """
         past = [(tuple(ks), tuple(vs)) for ks, vs in chunks]  # a snapshot: the lists grow after this pass
-        factors = dict(pert._factors) if pert is not None else None
+        factors = dict(pert._factors) if pert is not None else {}
         n_new = inp.shape[1]
 
         def pure(x: Tensor) -> tuple[Tensor, ...]:
             cache = _cache_from_chunks(self.lm.config, past)
-            if factors is not None:
-                held, pert._factors = pert._factors, factors
-            try:
+            with only_factors(pert, factors):
                 h = self._run(x, attention_mask, position_ids, cache)
-            finally:
-                if factors is not None:
-                    pert._factors = held
             new = []
             for lay in _cache_layers(cache):
                 new += [lay.keys[:, :, -n_new:].clone(), lay.values[:, :, -n_new:].clone()]
@@ -185,6 +186,9 @@ class LatentLM(nn.Module):
         cols = is_lat.any(0).nonzero().flatten()
         if len(cols):
             w0, w1 = int(cols.min()), int(cols.max()) + 1
+            if w0 == 0:
+                raise ValueError("a <|latent|> slot in column 0 has no previous hidden state to feed back: "
+                                 "every row needs at least one token before its first thought")
         else:
             w0 = w1 = t
         zeros = torch.zeros(n, dtype=torch.long, device=dev)
@@ -202,15 +206,16 @@ class LatentLM(nn.Module):
                 inp = pert.embed(inp)
             return inp
 
-        # Checkpointed passes (see the module doc): only with more than one pass, since a single pass's
-        # backward needs all of its activations at once anyway. ``chunks`` holds every earlier pass's K/V.
+        # Checkpointed passes (see the module doc): only with a latent column, hence at least two passes;
+        # a single pass's backward needs all of its activations at once anyway. ``chunks`` holds every earlier pass's K/V.
         ckpt = self.checkpoint_latents and torch.is_grad_enabled() and w1 > w0
         chunks: list[tuple[list[Tensor], list[Tensor]]] = []
 
         def run_pass(c0: int, c1: int, step: Tensor, inp: Tensor) -> Tensor:
             inp = prepare(c0, c1, step, inp)
             if not ckpt:
-                return self._run(inp, attention_mask[:, :c1], position_ids[:, c0:c1], cache)
+                with _unperturbed_if(pert is None):
+                    return self._run(inp, attention_mask[:, :c1], position_ids[:, c0:c1], cache)
             h, new_kv = self._checkpointed_pass(inp, attention_mask[:, :c1], position_ids[:, c0:c1], chunks, pert)
             if not chunks:
                 chunks.extend(([k], [v]) for k, v in new_kv)
@@ -315,7 +320,8 @@ def generate(
         if pert is not None:
             pert.begin_pass(step, 1, 0, x.shape[-1], dev, x.dtype)
             x = pert.embed(x)
-        h = model._run(x, mask_all, next_pos[:, None], cache)
+        with _unperturbed_if(pert is None):
+            h = model._run(x, mask_all, next_pos[:, None], cache)
         logits = model.lm.get_output_embeddings()(h[:, -1]).float()
         next_pos = next_pos + 1
     return Generation(torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(msk, 1), out.final_thought)

@@ -21,6 +21,7 @@ embeddings).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -110,6 +111,27 @@ class PerturbConfig:
     @property
     def active(self) -> bool:
         return self.is_dropout or (self.arm == "gaussian" and self.noise_scale > 0)
+
+
+_NO_OVERRIDE = object()
+_override: object = _NO_OVERRIDE
+
+
+@contextlib.contextmanager
+def only_factors(perturber: "Perturber | None", factors: dict | None = None):
+    """Within the block, ``perturber``'s hooks use ``factors`` and every other Perturber's hooks do nothing.
+
+    ``LatentLM`` runs an unperturbed forward under ``only_factors(None)``, so a perturber left active by
+    the caller (inside its ``rows``) cannot leak into it. A checkpointed pass is recomputed in backward
+    under the factors captured at forward time, whatever the perturbers hold by then.
+    """
+    global _override
+    prev = _override
+    _override = (perturber, factors or {})
+    try:
+        yield
+    finally:
+        _override = prev
 
 
 def residual_sites(model: nn.Module) -> dict[str, list[nn.Module]]:
@@ -252,7 +274,11 @@ class Perturber:
 
     def _make_hook(self, site: str, layer: int):
         def hook(module, inputs, output):
-            f = self._factors.get((site, layer))
+            ov = _override
+            if ov is _NO_OVERRIDE:
+                f = self._factors.get((site, layer))
+            else:
+                f = ov[1].get((site, layer)) if ov[0] is self else None
             if f is None:
                 return output
             if isinstance(output, tuple):
