@@ -582,16 +582,14 @@ class LatentReasoner(L.LightningModule):
         """Greedy answers with the perturbation off: the headline pass@1."""
         self.model.eval()
         prompts = [self.layout.prompt(r, stage, cot) for r in records]
-        limit = max_positions(self.model.lm)
-        if limit is not None:
-            longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-            if len(prompts[longest]) + self.ecfg.max_new_tokens > limit:
-                raise ValueError(f"evaluation record {records[longest].idx}: its prompt has {len(prompts[longest])} "
-                                 f"tokens, plus evaluation.max_new_tokens={self.ecfg.max_new_tokens} that exceeds "
-                                 f"the model's {limit} positions")
         pb = collate_prompts(prompts, self.layout.pad_id)
-        gen = generate(self.model, pb["input_ids"].to(self.device), pb["attention_mask"].to(self.device),
-                       self.ecfg.max_new_tokens, self.layout.eos_id, self.layout.pad_id)
+        try:
+            gen = generate(self.model, pb["input_ids"].to(self.device), pb["attention_mask"].to(self.device),
+                           self.ecfg.max_new_tokens, self.layout.eos_id, self.layout.pad_id)
+        except ValueError as err:  # generate checks the prompt length against the model: name the record
+            longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+            raise ValueError(f"evaluation record {records[longest].idx} "
+                             f"(evaluation.max_new_tokens={self.ecfg.max_new_tokens}): {err}") from err
         texts = self.tokenizer.batch_decode([t[: int(m.sum())] for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())])
         return [extract_answer(t) for t in texts], texts
 
