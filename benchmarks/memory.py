@@ -27,12 +27,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import (apply_threads, autocast, base_parser, build_setup, emit, machine_info,  # noqa: E402
+from common import (apply_threads, base_parser, build_setup, emit, machine_info,  # noqa: E402
                     peak_rss_mib, reset_peak_rss, rss_mib, sync)
 from lightning_latent.model.perturb import PerturbConfig, Perturber  # noqa: E402
-from lightning_latent.rl.grpo import group_advantages, grpo_loss  # noqa: E402
-from lightning_latent.rl.rollout import replay_logprobs  # noqa: E402
-from train_step import rollout_batch  # noqa: E402
+from train_step import grpo_backward, rollout_batch  # noqa: E402
 
 
 MMAP_THRESHOLD = "131072"
@@ -42,11 +40,7 @@ def measure(setup, pert, k: int, n_latent: int, prompts: int, max_new: int, micr
             seed: int, checkpoint_latents: bool = False) -> dict:
     rb = rollout_batch(setup, pert, prompts, k, n_latent, max_new, seed)
     setup.model.checkpoint_latents = checkpoint_latents  # after the rollouts (no_grad: unaffected anyway)
-    adv = group_advantages(rb.rewards, "mean").flatten()
-    maskf = rb.mask.float()
-    n = maskf.shape[0]
-    mb = n if micro is None else min(micro, n)
-    totals = (n, float(maskf.sum()))
+    n = rb.mask.shape[0]
     model = setup.model
     model.train()
     model.zero_grad(set_to_none=True)
@@ -54,13 +48,7 @@ def measure(setup, pert, k: int, n_latent: int, prompts: int, max_new: int, micr
     base = rss_mib()
     reset_peak_rss()
     t0 = time.perf_counter()
-    with autocast(dtype):
-        for a in range(0, n, mb):
-            b = min(a + mb, n)
-            logp, _ = replay_logprobs(model, pert, rb.rows(a, b), 1.0)
-            loss, _ = grpo_loss(logp, rb.logprobs[a:b], adv[a:b], maskf[a:b], None, 0.0, 0.2, None, "grpo",
-                                max_tokens=max_new, totals=totals)
-            loss.backward()
+    grpo_backward(model, pert, rb, dtype, max_new, micro)
     sync()
     dt = time.perf_counter() - t0
     peak = peak_rss_mib()

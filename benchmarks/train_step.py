@@ -70,8 +70,6 @@ def sft_loss(logits, labels):
 def make_steps(setup, pert, b: dict, rb: RolloutBatch, dtype: str, max_new: int) -> dict:
     """The three timed steps (forward + backward, no optimizer step) as closures over fixed batches."""
     model, lm = setup.model, setup.lm
-    adv = group_advantages(rb.rewards, "mean").flatten()
-    maskf = rb.mask.float()
 
     def coconut():
         model.train()
@@ -91,14 +89,32 @@ def make_steps(setup, pert, b: dict, rb: RolloutBatch, dtype: str, max_new: int)
         return loss
 
     def grpo():
-        model.train()
-        with autocast(dtype):
-            logp, _ = replay_logprobs(model, pert, rb, 1.0)
-            loss, _ = grpo_loss(logp, rb.logprobs, adv, maskf, None, 0.0, 0.2, None, "grpo", max_tokens=max_new)
-        loss.backward()
-        return loss, logp
+        return grpo_backward(model, pert, rb, dtype, max_new)
 
     return {"coconut": coconut, "plain": plain, "grpo": grpo}
+
+
+def grpo_backward(model, pert, rb: RolloutBatch, dtype: str, max_new: int, micro: int | None = None):
+    """The GRPO update's forward + backward (beta=0): replay, ``grpo_loss``, backward, whole batch or in
+    micro-batches of ``micro`` rows (each loss over the whole batch's denominators, as in the module).
+    Returns the summed loss and the replayed log-probs, detached."""
+    model.train()
+    adv = group_advantages(rb.rewards, "mean").flatten()
+    maskf = rb.mask.float()
+    n = maskf.shape[0]
+    mb = n if micro is None else min(micro, n)
+    totals = (n, float(maskf.sum()))
+    total, logps = 0.0, []
+    with autocast(dtype):
+        for a in range(0, n, mb):
+            b = min(a + mb, n)
+            logp, _ = replay_logprobs(model, pert, rb.rows(a, b), 1.0)
+            loss, _ = grpo_loss(logp, rb.logprobs[a:b], adv[a:b], maskf[a:b], None, 0.0, 0.2, None, "grpo",
+                                max_tokens=max_new, totals=totals)
+            loss.backward()
+            total = total + loss.detach()
+            logps.append(logp.detach())
+    return total, torch.cat(logps)
 
 
 def add_step_args(ap) -> None:
