@@ -3,7 +3,7 @@
 Each iteration: rollout of this rank's share of the global prompts (one batched ``generate`` under
 dropout_shared masks, 6 thoughts, T=1 answers) -> synthetic rewards -> ``replay_logprobs`` +
 ``grpo_loss`` + backward -> gradients averaged over ranks with one flat ``all_reduce`` (what the
-LightningModule's ``_sync_grads`` does) -> SGD step. torch.distributed with gloo, two processes started
+LightningModule does, ``distributed.sync_grads``) -> SGD step. torch.distributed with gloo, two processes started
 with ``torch.multiprocessing.spawn``; torch threads = 1 per process in BOTH settings (the machine has
 2 cores: 1 process x 1 thread vs 2 processes x 1 thread).
 
@@ -49,8 +49,10 @@ def worker(rank: int, world: int, cfg: dict, port: int, out_dir: str) -> None:
     from lightning_latent.data.layout import collate_prompts
     from lightning_latent.model.latent_lm import generate
     from lightning_latent.model.perturb import PerturbConfig, Perturber
-    from lightning_latent.rl.grpo import group_advantages, grpo_loss
-    from lightning_latent.rl.rollout import RolloutBatch, replay_logprobs, rollout_seed
+    from lightning_latent.distributed import sync_grads
+    from lightning_latent.rl.grpo import group_advantages
+    from lightning_latent.rl.rollout import RolloutBatch, rollout_seed
+    from lightning_latent.rl.update import GRPOConfig, backward_micro_batches
 
     n_prompts, k = cfg["prompts"], cfg["k"]
 
@@ -88,19 +90,9 @@ def worker(rank: int, world: int, cfg: dict, port: int, out_dir: str) -> None:
             model.train()
             self.opt.zero_grad(set_to_none=True)
             with autocast(cfg["dtype"]):
-                logp, _ = replay_logprobs(model, pert, rb, 1.0)
-                loss, _ = grpo_loss(logp, rb.logprobs, adv, rb.mask.float(), None, 0.0, 0.2, None, "grpo",
-                                    max_tokens=cfg["max_new"])
-            loss.backward()
-            if self.n_ranks > 1:  # equal shares: the rank average is the global-batch gradient
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                flat = torch.cat([g.flatten() for g in grads])
-                dist.all_reduce(flat)
-                flat /= self.n_ranks
-                i = 0
-                for g in grads:
-                    g.copy_(flat[i:i + g.numel()].view_as(g))
-                    i += g.numel()
+                backward_micro_batches(model, pert, rb, adv, None, GRPOConfig(max_new_tokens=cfg["max_new"]), 1.0,
+                                       1.0, torch.Tensor.backward)
+            sync_grads(model.parameters())  # equal shares: the rank average is the global-batch gradient
             self.opt.step()
 
         def params(self) -> torch.Tensor:

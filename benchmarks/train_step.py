@@ -32,8 +32,9 @@ from common import (apply_threads, autocast, base_parser, build_setup, emit, mac
 from lightning_latent.data.layout import IGNORE, collate_prompts, collate_train  # noqa: E402
 from lightning_latent.model.latent_lm import generate  # noqa: E402
 from lightning_latent.model.perturb import PerturbConfig, Perturber  # noqa: E402
-from lightning_latent.rl.grpo import group_advantages, grpo_loss  # noqa: E402
-from lightning_latent.rl.rollout import RolloutBatch, replay_logprobs, rollout_seed  # noqa: E402
+from lightning_latent.rl.grpo import group_advantages  # noqa: E402
+from lightning_latent.rl.rollout import RolloutBatch, rollout_seed  # noqa: E402
+from lightning_latent.rl.update import GRPOConfig, backward_micro_batches  # noqa: E402
 
 
 def train_batch(setup, n_rows: int, n_latent: int, seed: int) -> dict:
@@ -95,26 +96,15 @@ def make_steps(setup, pert, b: dict, rb: RolloutBatch, dtype: str, max_new: int)
 
 
 def grpo_backward(model, pert, rb: RolloutBatch, dtype: str, max_new: int, micro: int | None = None):
-    """The GRPO update's forward + backward (beta=0): replay, ``grpo_loss``, backward, whole batch or in
-    micro-batches of ``micro`` rows (each loss over the whole batch's denominators, as in the module).
+    """The GRPO update's forward + backward (beta=0), as the module runs it: ``rl.update``'s
+    micro-batched replay + loss + backward, whole batch or in micro-batches of ``micro`` rows.
     Returns the summed loss and the replayed log-probs, detached."""
     model.train()
     adv = group_advantages(rb.rewards, "mean").flatten()
-    maskf = rb.mask.float()
-    n = maskf.shape[0]
-    mb = n if micro is None else min(micro, n)
-    totals = (n, float(maskf.sum()))
-    total, logps = 0.0, []
+    cfg = GRPOConfig(max_new_tokens=max_new, micro_batch_rows=micro)
     with autocast(dtype):
-        for a in range(0, n, mb):
-            b = min(a + mb, n)
-            logp, _ = replay_logprobs(model, pert, rb.rows(a, b), 1.0)
-            loss, _ = grpo_loss(logp, rb.logprobs[a:b], adv[a:b], maskf[a:b], None, 0.0, 0.2, None, "grpo",
-                                max_tokens=max_new, totals=totals)
-            loss.backward()
-            total = total + loss.detach()
-            logps.append(logp.detach())
-    return total, torch.cat(logps)
+        total, logp, _ = backward_micro_batches(model, pert, rb, adv, None, cfg, 1.0, 1.0, torch.Tensor.backward)
+    return total, logp
 
 
 def add_step_args(ap) -> None:

@@ -1,4 +1,4 @@
-"""How different are the K rollouts of a prompt? Measured before any tuning (DESIGN.md section 6).
+"""How different are the K rollouts of a prompt? Measured before any tuning (docs/design.md#arms).
 
 For one checkpoint and a set of prompts, each perturbation setting (arm, strength, scope, greedy or
 sampled answers) gets K rollouts per prompt, and we record the fraction of zero-variance groups (GRPO
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data.records import Record
+from .model.arms import get_arm
 from .model.perturb import PerturbConfig, Perturber
 from .rl.grpo import group_stats
 from .rl.rewards import answer_key
@@ -27,9 +28,11 @@ class DiversitySetting:
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])
 
     def perturb_config(self) -> PerturbConfig:
-        if self.arm == "gaussian":
-            return PerturbConfig(arm="gaussian", noise_scale=self.strength, sites=["thought"], scope=self.scope)
-        if self.arm in ("dropout_shared", "dropout_per_step"):
+        """The arm at this strength: ``p`` for dropout arms, ``noise_scale`` for arms with a thought function."""
+        arm = get_arm(self.arm)
+        if arm.thought is not None:
+            return PerturbConfig(arm=self.arm, noise_scale=self.strength, sites=["thought"], scope=self.scope)
+        if arm.dropout:
             return PerturbConfig(arm=self.arm, p=self.strength, sites=list(self.sites), scope=self.scope)
         return PerturbConfig(arm="none", p=0.0, scope=self.scope)
 
@@ -64,7 +67,7 @@ def measure(module, records: list[Record], settings: list[DiversitySetting], k: 
                 chunk = records[i:i + batch_prompts]
                 seeds = torch.tensor([rollout_seed(seed, 0, r.idx, j) for r in chunk for j in range(k)])
                 rb = rollout(module.model, pert, module.layout, chunk, stage, seeds, k, st.temperature,
-                             module.gcfg.max_new_tokens, module.reward_fn, module.tokenizer)
+                             module.grpo_cfg.max_new_tokens, module.reward_fn, module.tokenizer)
                 gs = group_stats(rb.rewards)
                 b = len(chunk)
                 zero += float(gs["frac_zero_std"]) * b

@@ -83,7 +83,7 @@ BUDGETS = {
     "tiny": Budget(grpo_steps=2, val_interval=1, val_limit=8, test_limit=8, k=2, diversity_prompts=4, diversity_grid="small",
                    coconut_args=["--model.schedule",
                                  '[{"kind":"cot","steps":2},{"kind":"coconut","steps":1,"stages":[1,2,3]}]'],
-                   common=["--model.model.n_layer", "1", "--model.model.n_embd", "32", "--model.model.n_head", "2",
+                   common=["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
                            "--model.grpo_prompts", "2", "--model.grpo.group_size", "2", "--model.batch_size", "8",
                            "--model.grpo.max_new_tokens", "6", "--model.evaluation.max_new_tokens", "8",
                            "--data.eval_batch_size", "8"]),

@@ -57,7 +57,7 @@ def run_setting(name: str, root: str) -> dict:
     from lightning_latent.schedule import Phase
 
     try:
-        from lightning_latent.rl.grpo import GRPOConfig
+        from lightning_latent.rl.update import GRPOConfig
     except ImportError:  # before the refactor GRPOConfig lived in module.py
         from lightning_latent.module import GRPOConfig
 

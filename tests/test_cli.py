@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = str(ROOT / "experiments" / "run.py")
-TINY = ["--model.model.n_layer", "1", "--model.model.n_embd", "32", "--model.model.n_head", "2",
+TINY = ["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
         "--data.val_limit", "16", "--data.test_limit", "16", "--data.eval_batch_size", "16",
         "--model.batch_size", "8", "--model.grpo_prompts", "2", "--model.grpo.group_size", "2",
         "--model.evaluation.max_new_tokens", "12", "--model.grpo.max_new_tokens", "6",
@@ -136,10 +136,10 @@ DDP_SCRIPT = textwrap.dedent('''
     task = sys.argv[2]
     dm = LatentDataModule(task=task, path=sys.argv[3] if len(sys.argv) > 3 else None, val_limit=8,
                           test_limit=8, eval_batch_size=8, val_size=50, shuffle_buffer=0)
-    m = LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=512),
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=512),
                        schedule=[Phase("cot", steps=3), Phase("coconut", steps=2, stages=[1]),
                                  Phase("grpo", steps=2)], batch_size=4, grpo_prompts=2, max_length=512)
-    m.gcfg.group_size = 2; m.gcfg.max_new_tokens = 4; m.ecfg.max_new_tokens = 8
+    m.grpo_cfg.group_size = 2; m.grpo_cfg.max_new_tokens = 4; m.eval_cfg.max_new_tokens = 8
     t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=-1, reload_dataloaders_every_n_epochs=1,
                   check_val_every_n_epoch=None, val_check_interval=4, num_sanity_val_steps=0, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, callbacks=[Trace()])

@@ -89,8 +89,8 @@ def test_flatten_hparams():
 def small_run(tmp_path_factory) -> Path:
     """The logs of a small real run: CoT, one latent stage, two GRPO steps (HParams written at fit end)."""
     root = tmp_path_factory.mktemp("logs")
-    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "fit", "--model.model.n_layer", "1",
-           "--model.model.n_embd", "32", "--model.model.n_head", "2",
+    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "fit", "--model.backbone.n_layer", "1",
+           "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
            '--model.schedule=[{"kind":"cot","steps":2},{"kind":"coconut","steps":1},'
            '{"kind":"grpo","steps":2,"name":"dropout_grpo"}]',
            "--model.grpo.group_size", "2", "--model.grpo_prompts", "2", "--model.grpo.max_new_tokens", "8",

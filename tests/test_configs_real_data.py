@@ -2,7 +2,7 @@
 
 The configs name ``openai-community/gpt2``, which cannot be downloaded here: the test saves a tiny GPT-2
 with a byte-level BPE tokenizer trained on the spot from GSM8K text (``save_pretrained``) and points
-``--model.model.name_or_path`` at it. Everything else comes from the config files (the GRPO recipe,
+``--model.backbone.name_or_path`` at it. Everything else comes from the config files (the GRPO recipe,
 dynamic sampling, W_V only, bf16-mixed where the config says so), with the step counts and sizes cut
 down. CoT -> Coconut -> Dropout-GRPO chain through ``--model.init_from``.
 """
@@ -76,7 +76,7 @@ def check_summary(vdir: Path, phases: list[str]) -> None:
 
 
 def test_gsm8k_cot_coconut_dropout_grpo_configs(tmp_path, tiny_gpt2):
-    data = ["--data.path", str(SHARED / "gsm8k"), "--model.model.name_or_path", str(tiny_gpt2)]
+    data = ["--data.path", str(SHARED / "gsm8k"), "--model.backbone.name_or_path", str(tiny_gpt2)]
     cot = run(tmp_path, "--config", str(CONFIGS / "gsm8k" / "cot.yaml"), *data, "--model.batch_size", "4",
               "--model.schedule", '[{"kind":"cot","steps":2}]')
     check_summary(cot, ["cot"])
@@ -102,7 +102,7 @@ def test_coconut_json_configs(tmp_path, tiny_gpt2, task):
     for name in ("valid.json", "test.json"):
         shutil.copy(SHARED / task / name, d / name)
     shutil.copy(SHARED / task / "valid.json", d / "train.json")
-    data = ["--data.path", str(d), "--model.model.name_or_path", str(tiny_gpt2), "--model.max_length", "1024"]
+    data = ["--data.path", str(d), "--model.backbone.name_or_path", str(tiny_gpt2), "--model.max_length", "1024"]
     coco = run(tmp_path, "--config", str(CONFIGS / task / "coconut.yaml"), *data, "--model.batch_size", "4",
                "--model.schedule", '[{"kind":"cot","steps":1},{"kind":"coconut","steps":1,"stages":[1]}]')
     check_summary(coco, ["cot", "coconut"])

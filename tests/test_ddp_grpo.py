@@ -36,7 +36,9 @@ DRIVER = textwrap.dedent(
     from lightning_latent.data.layout import CurriculumConfig
     from lightning_latent.model.build import ModelConfig
     from lightning_latent.model.perturb import PerturbConfig
-    from lightning_latent.module import GRPOConfig, LatentReasoner, OptimConfig
+    from lightning_latent.module import LatentReasoner
+    from lightning_latent.optim import OptimConfig
+    from lightning_latent.rl.update import GRPOConfig
     from lightning_latent.rl.rewards import REWARDS
 
     # a random tiny model never answers correctly: a multi-level reward of the text gives groups
@@ -54,7 +56,7 @@ DRIVER = textwrap.dedent(
         schedule = [Phase("cot", steps=3), Phase("coconut", steps=2, stages=[1]), Phase("grpo", steps=3)]
         curriculum = CurriculumConfig(c_thought=1, max_latent_stage=1)
     module = LatentReasoner(
-        model=ModelConfig(n_layer=2, n_embd=32, n_head=2, n_positions=128),
+        backbone=ModelConfig(n_layer=2, n_embd=32, n_head=2, n_positions=128),
         curriculum=curriculum,
         schedule=schedule,
         perturb=PerturbConfig(arm="dropout_shared", p=0.2),

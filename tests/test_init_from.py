@@ -1,6 +1,11 @@
 """init_from: a Hugging Face model folder, a reference Coconut state dict (.pt), our .ckpt; bad files."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -27,7 +32,7 @@ def hf_folder(tmp_path):
 
 def make(folder, **kw) -> LatentReasoner:
     kw.setdefault("max_length", 128)  # the tiny model has 128 learned positions
-    return LatentReasoner(model=ModelConfig(name_or_path=str(folder), attn_implementation="eager"),
+    return LatentReasoner(backbone=ModelConfig(name_or_path=str(folder), attn_implementation="eager"),
                           schedule=[Phase("grpo", steps=1)], **kw)
 
 
@@ -72,4 +77,32 @@ def test_wrong_shape_and_foreign_files_name_the_problem(hf_folder, tmp_path):
     with pytest.raises(ValueError, match=r"neither a lightning-latent checkpoint nor a reference Coconut"):
         make(hf_folder, init_from=str(tmp_path / "foreign.pt"))
     with pytest.raises(ValueError, match=r"cannot load (model|tokenizer) .*no-such-model"):
-        LatentReasoner(model=ModelConfig(name_or_path=str(tmp_path / "no-such-model")))
+        LatentReasoner(backbone=ModelConfig(name_or_path=str(tmp_path / "no-such-model")))
+
+
+PRE_RENAME = Path(__file__).resolve().parent / "fixtures" / "pre_rename"
+
+
+def test_checkpoint_written_before_the_backbone_rename_loads(tmp_path):
+    """A checkpoint whose hyperparameters say ``model=`` (and name the configs ``lightning_latent.module.*``)
+    still rebuilds, starts a new run (init_from) and resumes under the new names (--ckpt_path)."""
+    ck = PRE_RENAME / "last.ckpt"
+    assert "model" in torch.load(ck, map_location="cpu", weights_only=False)["hyper_parameters"]
+    m = LatentReasoner.from_checkpoint(str(ck))
+    assert m.backbone_cfg.n_layer == 1 and m.step_count == 3 and m.segment.kind == "grpo"
+    fresh = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=128), max_length=128,
+                           init_from=str(ck), schedule=[Phase("grpo", steps=1)])
+    assert all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in m.model.state_dict().items())
+    # Lightning's own loading (weights_only=True) through the CLI: one more GRPO step on top of the old run.
+    args = [sys.executable, str(PRE_RENAME.parents[2] / "experiments" / "run.py"), "fit",
+            "--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
+            "--model.backbone.n_positions", "128", "--model.max_length", "128",
+            "--model.schedule", '[{"kind":"cot","steps":2},{"kind":"grpo","steps":2,"name":"dropout_grpo"}]',
+            "--model.grpo.group_size", "2", "--model.grpo_prompts", "2", "--model.grpo.beta", "0.05",
+            "--data.val_limit", "4", "--data.test_limit", "4", "--data.eval_batch_size", "4",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+            "--ckpt_path", str(ck)]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    assert summary["steps"] == 4

@@ -583,4 +583,4 @@ def test_prompts_past_the_learned_positions_are_refused_by_name():
         ids = torch.ones(1, 13, dtype=torch.long)
         generate(m, ids, torch.ones_like(ids), 4, 0, 0)
     with pytest.raises(ValueError, match=r"max_length=600 exceeds the model's 512 learned positions"):
-        LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=512), max_length=600)
+        LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=512), max_length=600)

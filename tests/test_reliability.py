@@ -20,7 +20,7 @@ from lightning_latent.data.synthetic import SyntheticConfig, synthetic_record
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS_RUN = str(ROOT / "tests" / "faults_run.py")
-TINY = ["--model.model.n_layer", "1", "--model.model.n_embd", "32", "--model.model.n_head", "2",
+TINY = ["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
         "--data.val_limit", "8", "--data.test_limit", "8", "--data.eval_batch_size", "8",
         "--model.batch_size", "4", "--model.grpo_prompts", "2", "--model.grpo.group_size", "4",
         "--model.grpo.reward", "text_hash", "--model.grpo.max_new_tokens", "4",
@@ -177,11 +177,12 @@ def test_two_runs_are_bit_identical(tmp_path):
 def _module_and_data(steps: int, max_bad: int, tmp_path: Path):
     from lightning_latent.data.datamodule import LatentDataModule
     from lightning_latent.model.build import ModelConfig
-    from lightning_latent.module import LatentReasoner, OptimConfig
+    from lightning_latent.module import LatentReasoner
+    from lightning_latent.optim import OptimConfig
     from lightning_latent.schedule import Phase
 
     dm = LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4)
-    m = LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2), schedule=[Phase("cot", steps=steps)],
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), schedule=[Phase("cot", steps=steps)],
                        batch_size=4, optim=OptimConfig(max_bad_steps=max_bad))
     return m, dm
 
@@ -225,7 +226,7 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path, caplog):
     assert all(torch.isfinite(x).all() for x in w.after.values())
     msgs = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(msgs) == 2 and "step 2" in msgs[0] and "batch [" in msgs[0]  # with the batch's record ids
-    assert m.bad_steps == 0 and m.step_count == 6  # the count resets after a good step; the run finished
+    assert m.nonfinite.bad_steps == 0 and m.step_count == 6  # the count resets after a good step; the run finished
 
 
 def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
@@ -261,7 +262,7 @@ def test_training_batches_do_not_depend_on_dataloader_workers(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model.no_such_key", "3"], r"unrecognized arguments: --model.no_such_key"),
     (["--model.batch_size", "0"], r"batch_size=0"),
-    (["--model.model.name_or_path", "no-such-org/no-such-model"], r"cannot load tokenizer 'no-such-org/no-such-model'"),
+    (["--model.backbone.name_or_path", "no-such-org/no-such-model"], r"cannot load tokenizer 'no-such-org/no-such-model'"),
     (["--data.task", "gsm8k", "--data.hub_name", "no-such-org/no-such-data"], r"no-such-org/no-such-data"),
     (["--data.task", "gsm8k", "--data.path", "/nonexistent/gsm8k"], r"missing data path: /nonexistent/gsm8k"),
 ])
@@ -290,7 +291,7 @@ def test_skipped_rows_are_reported_with_any_number_of_workers(tmp_path, workers)
                           eval_batch_size=4, shuffle_buffer=0, num_workers=workers)
     # 12 steps x 4 records = 48 > 36 training rows: the stream wraps once; the first pass skips the three
     # bad lines (after good rows 7, 13, 19), the second pass reads 12 good rows and so meets the first again
-    m = LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2), schedule=[Phase("cot", steps=12)],
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), schedule=[Phase("cot", steps=12)],
                        batch_size=4)
     _trainer(tmp_path, []).fit(m, datamodule=dm)
     report = dm.skip_report()

@@ -282,12 +282,13 @@ def test_micro_batched_grpo_update_equals_whole_batch(tmp_path, aggregation):
     from lightning_latent.data.datamodule import LatentDataModule
     from lightning_latent.data.layout import CurriculumConfig
     from lightning_latent.model.build import ModelConfig
-    from lightning_latent.module import GRPOConfig, LatentReasoner
+    from lightning_latent.module import LatentReasoner
+    from lightning_latent.rl.update import GRPOConfig
     from lightning_latent.schedule import Phase
 
     def run(micro, ckpt=False):
         L.seed_everything(0, verbose=False)
-        m = LatentReasoner(model=ModelConfig(n_layer=1, n_embd=32, n_head=2, checkpoint_latents=ckpt),
+        m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2, checkpoint_latents=ckpt),
                            curriculum=CurriculumConfig(c_thought=1, max_latent_stage=2),
                            schedule=[Phase("grpo", steps=2)], grpo_prompts=2,
                            grpo=GRPOConfig(group_size=4, max_new_tokens=4, reward="text_hash", mu=2, beta=0.05,

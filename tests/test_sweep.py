@@ -28,8 +28,8 @@ PARAMS = ("model.perturb.p", "model.grpo.group_size", "model.grpo.beta")
 
 def make_tiny_coconut(root: Path) -> Path:
     """A tiny Coconut checkpoint (CoT 2 steps + one latent stage), as the issue describes."""
-    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "fit", "--model.model.n_layer", "1",
-           "--model.model.n_embd", "32", "--model.model.n_head", "2",
+    cmd = [sys.executable, str(REPO / "experiments" / "run.py"), "fit", "--model.backbone.n_layer", "1",
+           "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
            '--model.schedule=[{"kind":"cot","steps":2},{"kind":"coconut","steps":1}]',
            "--data.val_limit", "8", "--data.test_limit", "8", "--trainer.accelerator", "cpu",
            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(root),

@@ -29,7 +29,7 @@ from .sources import (
     split_for_rank,
     synthetic_source,
 )
-from .synthetic import SyntheticConfig
+from .synthetic import SyntheticConfig, default_synthetic
 
 log = logging.getLogger("lightning_latent.data")
 
@@ -138,7 +138,7 @@ class LatentDataModule(L.LightningDataModule):
         path: str | None = None,
         hub_name: str = "openai/gsm8k",
         val_size: int = 500,
-        synthetic: SyntheticConfig = SyntheticConfig(max_number=20, max_value=60),
+        synthetic: SyntheticConfig = default_synthetic(),
         val_limit: int | None = 300,
         test_limit: int | None = 500,
         eval_batch_size: int = 64,
@@ -224,6 +224,10 @@ class LatentDataModule(L.LightningDataModule):
             seen = self._worker_skips.setdefault(batch.loader, {})
             for k, n in (batch.skips or {}).items():
                 seen[k] = max(seen.get(k, 0), n)
+        return batch
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """Batches are lists of Records: the module's steps build tensors and move them themselves."""
         return batch
 
     def skip_report(self) -> dict[str, int]:

@@ -157,3 +157,8 @@ def synthetic_vocabulary(cfg: SyntheticConfig) -> list[str]:
     symbols = ["<<", ">>", "+", "-", "*", "=", "###", ".", "?", "\n"]
     words -= set(symbols)
     return sorted(words) + symbols + [str(n) for n in range(cfg.max_value + 1)]
+
+
+def default_synthetic() -> SyntheticConfig:
+    """The embedded default task's settings (one place: the module's and the datamodule's defaults)."""
+    return SyntheticConfig(max_number=20, max_value=60)

@@ -47,11 +47,11 @@ class ModelConfig:
     def validate(self) -> None:
         for k in ("n_layer", "n_embd", "n_head", "n_positions"):
             if getattr(self, k) < 1:
-                raise ValueError(f"model.{k}={getattr(self, k)} must be >= 1")
+                raise ValueError(f"backbone.{k}={getattr(self, k)} must be >= 1")
         if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+            raise ValueError(f"backbone.n_embd={self.n_embd} must be divisible by backbone.n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise ValueError(f"backbone.dropout={self.dropout} must be in [0, 1)")
 
 
 def build_tokenizer(cfg: ModelConfig, synthetic: SyntheticConfig | None = None):

@@ -6,14 +6,9 @@ makes replay exact: the mask of a rollout is rebuilt bit-identically for the rol
 the current policy and the reference, on any device or rank, whatever other rows share the batch, and
 no global RNG state is read or changed.
 
-Arms (DESIGN.md section 2):
-
-- ``dropout_shared`` (the method): one Bernoulli feature mask per rollout and per site, values in
-  {0, 1/(1-p)}, reused at every position and every latent step of the rollout.
-- ``dropout_per_step``: a fresh mask for every latent step, drawn from (seed, step).
-- ``gaussian``: additive noise on each fed-back thought, ``noise_scale`` times the thought's RMS,
-  fresh per step.
-- ``temperature`` and ``none``: no perturbation (answers sampled, or greedy, by the rollout settings).
+What each arm perturbs is its entry in the arm registry (:mod:`lightning_latent.model.arms`,
+docs/design.md#arms): dropout masks on the sites (one per rollout, or one per latent step), a function
+of the fed-back thoughts (the ``gaussian`` arm), or nothing.
 
 Sites are forward hooks on what each block adds to the residual stream (``attn``, ``mlp``) so any
 Hugging Face causal LM has them, plus ``thought`` (the fed-back vector) and ``embed`` (input
@@ -28,7 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-ARMS = ("none", "temperature", "dropout_shared", "dropout_per_step", "gaussian", "sft_continue")
+from .arms import Arm, get_arm
+
 SITES = ("attn", "mlp", "thought", "embed")
 SCOPES = ("latent", "all")
 
@@ -37,7 +33,7 @@ SCOPES = ("latent", "all")
 POST_LATENT_STEP = 1 << 20
 
 _M32 = 0xFFFFFFFF
-_SITE_IDS = {"attn": 11, "mlp": 13, "thought": 17, "embed": 19, "gauss": 23, "answer": 29}
+SITE_IDS = {"attn": 11, "mlp": 13, "thought": 17, "embed": 19, "gauss": 23, "answer": 29}
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
@@ -82,18 +78,15 @@ def hash_normal(seeds: Tensor, keys: tuple[int | Tensor, ...], dim: int) -> Tens
 class PerturbConfig:
     """What makes rollouts differ. ``p`` is the drop probability of the dropout arms."""
 
-    arm: Literal["none", "temperature", "dropout_shared", "dropout_per_step", "gaussian", "sft_continue"] = (
-        "dropout_shared"
-    )
+    arm: str = "dropout_shared"  # a name in the arm registry (model/arms.py)
     p: float = 0.1
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])
     scope: Literal["latent", "all"] = "latent"
-    noise_scale: float = 0.1  # gaussian arm: noise std relative to the thought's RMS
+    noise_scale: float = 0.1  # arms with a thought function (gaussian): its scale; 0 turns it off
 
     def validate(self) -> None:
         """Fail at start-up with a message that names the bad value."""
-        if self.arm not in ARMS:
-            raise ValueError(f"perturb.arm={self.arm!r} is unknown; choose one of {ARMS}")
+        get_arm(self.arm)
         if not 0.0 <= self.p < 1.0:
             raise ValueError(f"perturb.p={self.p} must be in [0, 1)")
         for s in self.sites:
@@ -105,12 +98,17 @@ class PerturbConfig:
             raise ValueError(f"perturb.noise_scale={self.noise_scale} must be >= 0")
 
     @property
+    def spec(self) -> Arm:
+        """The arm's registry entry."""
+        return get_arm(self.arm)
+
+    @property
     def is_dropout(self) -> bool:
-        return self.arm in ("dropout_shared", "dropout_per_step") and self.p > 0
+        return self.spec.dropout and self.p > 0
 
     @property
     def active(self) -> bool:
-        return self.is_dropout or (self.arm == "gaussian" and self.noise_scale > 0)
+        return self.is_dropout or (self.spec.thought is not None and self.noise_scale > 0)
 
 
 _NO_OVERRIDE = object()
@@ -218,8 +216,8 @@ class Perturber:
         """The [N, dim] dropout mask of one site for the active rows, values in {0, 1/(1-p)}."""
         assert self._seeds is not None
         seeds = self._seeds.to(device)
-        keys: tuple = (_SITE_IDS[site], layer)
-        if self.cfg.arm == "dropout_per_step":
+        keys: tuple = (SITE_IDS[site], layer)
+        if self.cfg.spec.per_step:
             keys = keys + (step.to(device),)
         else:
             # A shared mask does not depend on the step: build it once per ``rows`` activation instead of
@@ -259,15 +257,19 @@ class Perturber:
         f = self._factors.get(("embed", 0))
         return x if f is None else x * f
 
+    def seeds(self, device) -> Tensor:
+        """The active rows' rollout seeds [N] (inside :meth:`rows`)."""
+        assert self._seeds is not None, "seeds() outside Perturber.rows"
+        return self._seeds.to(device)
+
     def thought(self, h: Tensor, step: Tensor) -> Tensor:
-        """Perturb fed-back thoughts h [N, D] at latent step ``step`` [N] (thought / gaussian sites)."""
+        """Perturb fed-back thoughts h [N, D] at latent step ``step`` [N]: the arm's thought function
+        (e.g. gaussian), or the dropout mask of the ``thought`` site."""
         if not self.enabled:
             return h
-        seeds = self._seeds.to(h.device)
-        if self.cfg.arm == "gaussian":
-            z = hash_normal(seeds, (_SITE_IDS["gauss"], step.to(h.device)), h.shape[-1]).to(h.dtype)
-            rms = h.detach().pow(2).mean(-1, keepdim=True).sqrt()
-            return h + self.cfg.noise_scale * rms * z
+        fn = self.cfg.spec.thought
+        if fn is not None:
+            return fn(self, h, step)
         if self.cfg.is_dropout and "thought" in self.cfg.sites:
             return h * self.mask("thought", 0, step, h.shape[-1], h.device, h.dtype)
         return h
@@ -290,4 +292,4 @@ class Perturber:
 
 def answer_uniforms(seeds: Tensor, t: int) -> Tensor:
     """One uniform per row for sampling answer token ``t``: a per-row generator in all but name."""
-    return hash_uniform(seeds, (_SITE_IDS["answer"], t), 1)[:, 0]
+    return hash_uniform(seeds, (SITE_IDS["answer"], t), 1)[:, 0]

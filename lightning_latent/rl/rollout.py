@@ -16,8 +16,8 @@ from ..data.layout import Layout, collate_prompts
 from ..data.records import Record
 from ..model.latent_lm import LatentLM, generate, positions_from_mask
 from ..model.perturb import Perturber
-from .grpo import sequence_logprobs, token_entropy
-from .rewards import RewardFn, extract_answer
+from .grpo import group_stats, sequence_logprobs, token_entropy
+from .rewards import RewardFn, answer_key, extract_answer
 
 
 def rollout_seed(base_seed: int, iteration: int, record_key: int, k: int) -> int:
@@ -122,3 +122,21 @@ def replay_logprobs(
     logp = sequence_logprobs(logits, batch.tokens, t_eff)
     ent = token_entropy(logits.detach(), t_eff) if with_entropy else None
     return logp, ent
+
+
+def rollout_stats(rb: RolloutBatch, seconds: float) -> dict[str, float]:
+    """What a GRPO step logs about its rollouts: reward and group statistics (how many groups carry
+    signal), distinct answers per group, the spread of the final thoughts within groups, throughput."""
+    st = group_stats(rb.rewards)
+    k = rb.group_size
+    keys = [answer_key(a) for a in rb.answers]
+    distinct = [len({keys[b * k + j] for j in range(k)}) for b in range(rb.rewards.shape[0])]
+    vals = {f"grpo/{n}": float(st[n]) for n in ("reward_mean", "reward_std", "frac_zero_std",
+                                                "frac_all_correct", "frac_all_wrong", "frac_mixed")}
+    vals["grpo/distinct_answers"] = sum(distinct) / len(distinct)
+    if rb.final_thought is not None:
+        th = rb.final_thought.float().view(-1, k, rb.final_thought.shape[-1])
+        d = torch.cdist(th, th)
+        vals["grpo/thought_diversity"] = float(d.sum() / (th.shape[0] * k * (k - 1)))
+    vals["perf/rollouts_per_s"] = rb.tokens.shape[0] / max(seconds, 1e-9)
+    return vals

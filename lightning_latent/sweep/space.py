@@ -136,7 +136,8 @@ class SweepConfig:
             return r
         if r != "constant":
             raise ValueError(f"sweep rollouts_per_step={r!r} must be 'constant', an integer or null")
-        from ..module import GRPOConfig, LatentReasoner
+        from ..module import LatentReasoner
+        from ..rl.update import GRPOConfig
 
         prompts = self.base_value(PROMPTS_KEY, inspect.signature(LatentReasoner).parameters["grpo_prompts"].default)
         k = self.base_value(GROUP_SIZE_KEY, GRPOConfig().group_size)

@@ -1,0 +1,84 @@
+"""Evaluation: greedy answers with the perturbation off (the headline pass@1), k sampled, perturbed
+answers per problem (pass@k, maj@k), and the per-problem prediction rows written after ``test``.
+
+:class:`Evaluator` holds what answering needs (the latent LM, the layout, the tokenizer, the settings)
+and no Lightning state, so the module's validation / test / predict steps, the phase-end evaluations
+(:class:`~lightning_latent.callbacks.PhaseSummary`) and scripts all answer the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data.layout import Layout, collate_prompts
+from .data.records import Record
+from .model.latent_lm import LatentLM, generate
+from .model.perturb import PerturbConfig, Perturber
+from .rl.rewards import RewardFn, answers_equal, extract_answer
+from .rl.rollout import rollout, rollout_seed
+
+#: Added to the run's seed for evaluation rollouts, so their seeds never equal a training rollout's.
+EVAL_SEED_OFFSET = 7919
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: greedy pass@1 with the perturbation off, plus pass@k / maj@k over ``k`` perturbed,
+    sampled rollouts when ``k > 1``. ``perturb`` fixes the sampler of those k rollouts (None: the run's
+    own), so that arms can be compared under one evaluation sampler."""
+
+    max_new_tokens: int = 48
+    k: int = 0
+    temperature: float = 1.0
+    perturb: PerturbConfig | None = None
+
+
+class Evaluator:
+    """Answers problems with a latent LM (see the module docstring)."""
+
+    def __init__(self, model: LatentLM, layout: Layout, tokenizer, cfg: EvalConfig, perturber: Perturber,
+                 reward_fn: RewardFn, seed: int):
+        self.model, self.layout, self.tokenizer, self.cfg = model, layout, tokenizer, cfg
+        self.perturber, self.reward_fn, self.seed = perturber, reward_fn, seed
+
+    @torch.no_grad()
+    def answer(self, records: list[Record], stage: int, cot: bool) -> tuple[list[str | None], list[str]]:
+        """Greedy answers with the perturbation off: (extracted answers, decoded texts)."""
+        self.model.eval()
+        dev = next(self.model.parameters()).device
+        prompts = [self.layout.prompt(r, stage, cot) for r in records]
+        pb = collate_prompts(prompts, self.layout.pad_id)
+        try:
+            gen = generate(self.model, pb["input_ids"].to(dev), pb["attention_mask"].to(dev),
+                           self.cfg.max_new_tokens, self.layout.eos_id, self.layout.pad_id)
+        except ValueError as err:  # generate checks the prompt length against the model: name the record
+            longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+            raise ValueError(f"evaluation record {records[longest].idx} "
+                             f"(evaluation.max_new_tokens={self.cfg.max_new_tokens}): {err}") from err
+        texts = self.tokenizer.batch_decode([t[: int(m.sum())] for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())])
+        return [extract_answer(t) for t in texts], texts
+
+    @torch.no_grad()
+    def sample(self, records: list[Record], stage: int, k: int) -> list[list[str | None]]:
+        """k perturbed, sampled rollouts per record (pass@k / maj@k), seeds independent of training."""
+        seeds = torch.tensor([rollout_seed(self.seed + EVAL_SEED_OFFSET, -1, r.idx, j)
+                              for r in records for j in range(k)])
+        rb = rollout(self.model, self.perturber, self.layout, records, stage, seeds, k, self.cfg.temperature,
+                     self.cfg.max_new_tokens, self.reward_fn, self.tokenizer)
+        return [rb.answers[i * k:(i + 1) * k] for i in range(len(records))]
+
+
+def prediction_rows(records: list[Record], preds: list[str | None], texts: list[str],
+                    samples: list[list[str | None]] | None = None, with_correct: bool = True) -> list[dict]:
+    """One JSON-ready row per problem (``predictions_test.jsonl`` / ``predict``)."""
+    rows = []
+    for i, r in enumerate(records):
+        row = {"idx": r.idx, "question": r.question, "gold": r.answer, "prediction": preds[i]}
+        if with_correct:
+            row["correct"] = answers_equal(preds[i], r.answer)
+        row["text"] = texts[i]
+        if samples is not None:
+            row["samples"] = samples[i]
+        rows.append(row)
+    return rows

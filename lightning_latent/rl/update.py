@@ -1,0 +1,209 @@
+"""The GRPO update as functions: a rollout batch in, gradients and optimiser steps out.
+
+:func:`grpo_update` is what one GRPO training step does after its rollouts (docs/design.md#grpo-loss):
+keep the groups that carry signal (dynamic sampling), compute advantages and the reference's log-probs,
+then ``mu`` times: replay the rollouts' log-probs with their own perturbations, take the clipped loss
+(micro-batch by micro-batch, each over the whole batch's denominators), backward, optimiser step.
+The LightningModule calls it with its backward and optimiser step; the benchmarks call
+:func:`backward_micro_batches` with plain ``Tensor.backward``. No Lightning here.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..distributed import all_sum, world_size
+from ..model.latent_lm import LatentLM
+from ..model.perturb import Perturber
+from .grpo import group_advantages, grpo_loss, select_mixed_groups
+from .rewards import get_reward
+from .rollout import RolloutBatch, replay_logprobs
+
+
+@dataclass
+class GRPOConfig:
+    """Dropout-GRPO settings (docs/design.md#grpo-loss). ``answer_temperature=0`` means greedy answers."""
+
+    group_size: int = 8
+    answer_temperature: float = 1.0
+    max_new_tokens: int = 16
+    advantage: Literal["mean", "std", "none"] = "mean"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    beta: float = 0.0
+    kl_clamp: float = 10.0
+    reference_perturbed: bool = True
+    mu: int = 1
+    dynamic_sampling: bool = False
+    max_groups: int | None = None  # with dynamic sampling: keep at most this many mixed groups per rank
+    # Which parameters GRPO trains: None = all; "value" = the attention value projections only (the
+    # published recipe's W_V: v_proj, or the V third of GPT-2's fused c_attn); else a regex over names.
+    trainable: str | None = None
+    reward: str = "exact_match"
+    # Rows (rollouts) per backward in the update: None = the whole batch at once. Smaller values bound
+    # the replay's activation memory; the gradient is the whole batch's (the losses use its denominators).
+    micro_batch_rows: int | None = None
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"grpo.group_size={self.group_size}: GRPO needs K >= 2 rollouts per prompt")
+        if self.beta < 0:
+            raise ValueError(f"grpo.beta={self.beta} must be >= 0")
+        if self.mu < 1:
+            raise ValueError(f"grpo.mu={self.mu} must be >= 1")
+        if self.answer_temperature < 0:
+            raise ValueError(f"grpo.answer_temperature={self.answer_temperature} must be >= 0 (0 = greedy)")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ValueError(f"grpo.epsilon={self.epsilon} / epsilon_high={self.epsilon_high} must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"grpo.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.advantage not in ("mean", "std", "none"):
+            raise ValueError(f"grpo.advantage={self.advantage!r} must be mean, std or none")
+        if self.aggregation not in ("grpo", "dr_grpo", "dapo"):
+            raise ValueError(f"grpo.aggregation={self.aggregation!r} must be grpo, dr_grpo or dapo")
+        if self.trainable not in (None, "value"):
+            try:
+                re.compile(self.trainable)
+            except re.error as err:
+                raise ValueError(f"grpo.trainable={self.trainable!r} is not a valid regex: {err}") from err
+        if self.micro_batch_rows is not None and self.micro_batch_rows < 1:
+            raise ValueError(f"grpo.micro_batch_rows={self.micro_batch_rows} must be >= 1 (or null: whole batch)")
+        get_reward(self.reward)
+
+
+@dataclass
+class UpdateResult:
+    """What one GRPO update did, for logging."""
+
+    groups_kept: int  # over all ranks
+    loss: Tensor | None = None  # the last optimiser step's loss (detached); None: no update (no group kept)
+    stats: dict[str, Tensor] = field(default_factory=dict)  # first inner iteration: replay gap, entropy, kl, ...
+    grad_norm: float | None = None  # the last finite optimiser step's gradient norm
+
+
+def keep_groups(rewards: Tensor, cfg: GRPOConfig) -> Tensor:
+    """BoolTensor [B]: the groups this rank trains on (all, or with dynamic sampling the mixed ones,
+    at most ``max_groups``)."""
+    if not cfg.dynamic_sampling:
+        return torch.ones(rewards.shape[0], dtype=torch.bool)
+    keep = select_mixed_groups(rewards)
+    if cfg.max_groups is not None:
+        keep &= keep.cumsum(0) <= cfg.max_groups
+    return keep
+
+
+def rank_weight(cfg: GRPOConfig, n_local: int, n_global: int, local_tokens: float, device) -> float:
+    """The factor on this rank's loss that makes the rank-averaged gradient equal the global batch's.
+
+    Ranks may keep different numbers of groups (dynamic sampling) and hold different numbers of answer
+    tokens. ``grpo`` and ``dr_grpo`` divide by the rank's rows, so its share of the rows is the weight;
+    ``dapo`` divides by the rank's answer tokens, so its share of the tokens is (one more all-reduce).
+    Multiplied by the world size because gradients are averaged, not summed, over ranks."""
+    if n_local == 0:
+        return 0.0
+    world = world_size()
+    if cfg.aggregation == "dapo":
+        total = float(all_sum(torch.tensor(local_tokens, device=device, dtype=torch.float64)).item())
+        return (local_tokens / total) * world if total > 0 else 0.0
+    return (n_local / n_global) * world
+
+
+def backward_micro_batches(
+    model: LatentLM, perturber: Perturber | None, batch: RolloutBatch, advantages: Tensor, ref_logp: Tensor | None,
+    cfg: GRPOConfig, temperature: float, scale: float, backward: Callable[[Tensor], None], with_entropy: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One backward per micro-batch of ``cfg.micro_batch_rows`` rows (all rows when None), each loss
+    over the whole batch's denominators, so that the accumulated gradient is the whole batch's.
+
+    Returns (the summed loss times ``scale``, the replayed log-probs [N, L], their entropies or None),
+    all detached."""
+    mask = batch.mask.float()
+    n_rows = mask.shape[0]
+    mb = n_rows if cfg.micro_batch_rows is None else min(cfg.micro_batch_rows, n_rows)
+    totals = (n_rows, float(mask.sum()))
+    total = torch.zeros((), device=mask.device)
+    logps, ents = [], []
+    for a in range(0, n_rows, mb):
+        b = min(a + mb, n_rows)
+        lp, en = replay_logprobs(model, perturber, batch.rows(a, b), temperature, with_entropy=with_entropy)
+        part, _ = grpo_loss(lp, batch.logprobs[a:b], advantages[a:b], mask[a:b],
+                            None if ref_logp is None else ref_logp[a:b], cfg.beta, cfg.epsilon, cfg.epsilon_high,
+                            cfg.aggregation, max_tokens=cfg.max_new_tokens, kl_clamp=cfg.kl_clamp, totals=totals)
+        backward(part * scale)
+        total = total + part.detach() * scale
+        logps.append(lp.detach())
+        ents.append(None if en is None else en.detach())
+    ent = torch.cat(ents) if with_entropy else None
+    return total, torch.cat(logps), ent
+
+
+def first_iteration_stats(logp: Tensor, ent: Tensor, batch: RolloutBatch, advantages: Tensor,
+                          ref_logp: Tensor | None, cfg: GRPOConfig) -> dict[str, Tensor]:
+    """Diagnostics of the first inner iteration: the replay gap (|logp_update - logp_rollout|, 0 up to
+    float error when masks replay exactly), the entropy, and the loss's own statistics."""
+    mask = batch.mask.float()
+    _, st = grpo_loss(logp, batch.logprobs, advantages, mask, ref_logp, cfg.beta, cfg.epsilon, cfg.epsilon_high,
+                      cfg.aggregation, max_tokens=cfg.max_new_tokens, kl_clamp=cfg.kl_clamp)
+    gap = ((logp - batch.logprobs).abs() * mask).max() if mask.sum() > 0 else torch.zeros(())
+    out = {"replay_gap": gap, "entropy": (ent * mask).sum() / mask.sum().clamp(min=1)}
+    for name in ("kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "pg_loss", "kl_clamped"):
+        out[name] = st[name]
+    return out
+
+
+def grpo_update(
+    model: LatentLM,
+    perturber: Perturber | None,
+    batch: RolloutBatch,
+    cfg: GRPOConfig,
+    temperature: float,
+    reference: Callable[[RolloutBatch], Tensor] | None,
+    backward: Callable[[Tensor], None],
+    optimizer_step: Callable[[Callable[[], Tensor]], tuple[bool, float, Tensor]],
+) -> UpdateResult:
+    """The update of one GRPO step on ``batch`` (this rank's rollouts).
+
+    ``reference(sub_batch)`` returns the frozen reference's log-probs (called only when ``beta > 0``);
+    ``backward(loss)`` runs one backward; ``optimizer_step(fn)`` zeroes the gradients, calls ``fn`` (which
+    runs the backward passes and returns the detached loss), then syncs, clips and steps, returning
+    (stepped, grad norm, loss). The decision to skip the update when no rank kept a group is taken on
+    all ranks together (an all-reduce), so ranks never disagree on whether to step."""
+    device = batch.mask.device
+    keep = keep_groups(batch.rewards, cfg)
+    n_local = int(keep.sum())
+    n_global = int(all_sum(torch.tensor(float(n_local), device=device)).item())
+    result = UpdateResult(groups_kept=n_global)
+    if n_global == 0:
+        return result
+    # A rank that kept nothing still runs the backward (on one group, weight 0): the collectives match.
+    sub = batch.select_groups(keep) if n_local > 0 else batch.select_groups(torch.arange(len(keep)) == 0)
+    adv = group_advantages(sub.rewards, cfg.advantage).flatten().to(device)
+    scale = rank_weight(cfg, n_local, n_global, float(sub.mask.float().sum()), device)
+    ref_logp = None
+    if cfg.beta > 0 and reference is not None:
+        with torch.no_grad():
+            ref_logp = reference(sub)
+    model.train()
+    for it in range(cfg.mu):
+        replayed: list[tuple[Tensor, Tensor | None]] = []
+
+        def run_backward() -> Tensor:
+            total, lp, en = backward_micro_batches(model, perturber, sub, adv, ref_logp, cfg, temperature, scale,
+                                                   backward, with_entropy=it == 0)
+            replayed.append((lp, en))
+            return total
+
+        ok, gn, loss = optimizer_step(run_backward)
+        if it == 0:
+            lp, en = replayed[0]
+            result.stats = first_iteration_stats(lp, en, sub, adv, ref_logp, cfg)
+        if ok:
+            result.grad_norm = gn
+        result.loss = loss
+    return result
