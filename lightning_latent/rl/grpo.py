@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "AdvantageMode",
     "Aggregation",
+    "StdKind",
     "grpo_loss",
     "group_advantages",
     "group_stats",
@@ -35,6 +36,7 @@ __all__ = [
 
 AdvantageMode = Literal["mean", "std", "none"]
 Aggregation = Literal["grpo", "dr_grpo", "dapo"]
+StdKind = Literal["population", "sample"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,30 +64,48 @@ def group_advantages(
     rewards: Tensor,
     mode: AdvantageMode = "mean",
     eps: float = 1e-4,
+    std_kind: StdKind = "population",
 ) -> Tensor:
     """Group-relative advantages ``[B, K]`` from rewards ``[B, K]``.
 
     * ``mean``: ``A = r - mean(r)`` (Dr. GRPO's unbiased choice; the default in the recipe).
-    * ``std``: ``A = (r - mean(r)) / (std(r) + eps)`` with the POPULATION std (``unbiased=False``):
-      it is the group's own spread, defined for any K >= 1, and for binary rewards it keeps
-      ``|A| <= 1/std`` symmetric (e.g. K=2, rewards [0, 1] -> A = [-1, 1] up to eps).
+    * ``std``: ``A = (r - mean(r)) / (std(r) + eps)``, by default with the POPULATION std
+      (``std_kind="population"``, ``unbiased=False``): it is the group's own spread, defined for any
+      K >= 1, and for binary rewards it keeps ``|A| <= 1/std`` symmetric (e.g. K=2, rewards [0, 1] ->
+      A = [-1, 1] up to eps).
     * ``none``: ``A = r`` (raw rewards, REINFORCE-style, no baseline).
+
+    ``std_kind="sample"`` divides by the SAMPLE std (Bessel's correction, ``unbiased=True``), which is
+    what TRL's ``GRPOTrainer`` does (``scale_rewards="group"``, its default, via
+    ``trl.trainer.utils.nanstd``).
+    The sample std is ``sqrt(K / (K - 1))`` times the population std, so TRL's std-scaled advantages
+    are that factor smaller (up to eps): 0.866x for K=4, 0.935x for K=8. With
+    ``mode="std", std_kind="sample", eps=1e-4`` this function reproduces TRL 1.16's advantages
+    (``tests/test_trl_conformance.py``); ``mode="mean"`` is TRL's ``scale_rewards="none"``. TRL's
+    ``scale_rewards="batch"`` (one std over the whole batch) has no counterpart here. ``std_kind`` has
+    no effect in the modes ``mean`` and ``none``.
 
     In every mode, groups whose rewards are all exactly equal get ``A = 0.0`` exactly: ``r - mean``
     is not exactly 0 in floating point for non-binary rewards (e.g. three times 0.1), and for
     ``none`` a constant group would otherwise push all rollouts the same way with no relative
     signal. The result is never NaN (``eps > 0`` guards the division; zero-std groups are set, not
-    divided).
+    divided). TRL does not special-case them: it computes ``(r - mean) / (0 + 1e-4)``, which is exactly
+    0 only where ``r - mean`` is (e.g. binary or dyadic rewards), and 1e4 times a rounding residue
+    otherwise.
     """
     _check_rewards(rewards)
     if eps <= 0 and mode == "std":
         raise ValueError(f"eps must be > 0 for mode='std', got {eps}")
+    if std_kind not in ("population", "sample"):
+        raise ValueError(f"unknown std_kind {std_kind!r}; choices: ['population', 'sample']")
     r = rewards.float() if not rewards.is_floating_point() else rewards
     mean = r.mean(dim=1, keepdim=True)
     if mode == "mean":
         adv = r - mean
     elif mode == "std":
-        std = r.std(dim=1, keepdim=True, unbiased=False)
+        # K == 1: every group is zero-variance (set to 0 below); the sample std would be NaN there.
+        unbiased = std_kind == "sample" and r.shape[1] > 1
+        std = r.std(dim=1, keepdim=True, unbiased=unbiased)
         adv = (r - mean) / (std + eps)
     elif mode == "none":
         adv = r.clone()
@@ -244,6 +264,7 @@ def grpo_loss(
     max_tokens: int | None = None,
     kl_clamp: float = 10.0,
     totals: tuple[int, float] | None = None,
+    kl_importance_ratio: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped-ratio GRPO loss over answer tokens, and detached diagnostics.
 
@@ -255,6 +276,16 @@ def grpo_loss(
     ``old_logp`` and ``ref_logp`` are treated as constants (detached here). ``epsilon_high``
     defaults to ``epsilon`` (symmetric clip); DAPO's "clip-higher" sets it larger.
 
+    ``kl_importance_ratio=True`` weights the KL term by the (unclipped, differentiable) ratio,
+    ``beta * ratio * k3``: the tokens were sampled from pi_old, so this makes the k3 gradient the
+    unbiased reverse-KL gradient (DeepSeek-V3.2). It changes the gradient even on-policy (ratio == 1
+    in value, not in derivative). This is TRL's ``use_bias_correction_kl`` (default True in TRL 1.16;
+    here the default is False, the plain k3 term of the recipe). The ``kl`` stat stays the unweighted
+    mean k3.
+
+    ``kl_clamp`` clamps the log-ratio inside k3 (see :func:`k3_kl`); TRL does not clamp, and
+    ``kl_clamp=float("inf")`` reproduces that. The two agree whenever ``kl_clamped`` is 0.
+
     Aggregation (the denominators differ, which is the whole point of the three variants):
 
     * ``grpo``: mean over answer tokens within each sequence, then mean over the N sequences
@@ -262,6 +293,13 @@ def grpo_loss(
     * ``dapo``: sum over all answer tokens / total number of answer tokens in the batch.
     * ``dr_grpo``: sum over all answer tokens / (N * max_tokens), ``max_tokens`` defaulting to T: a
       constant normaliser, so the gradient is not biased towards short answers.
+
+    Against TRL 1.16's ``GRPOTrainer`` (``loss_type``; one process, no gradient accumulation, checked to
+    float32 round-off by ``tests/test_trl_conformance.py``): ``grpo`` is TRL ``"grpo"``; ``dr_grpo`` is
+    TRL ``"dr_grpo"`` with ``max_tokens = max_completion_length`` (TRL always divides by that, not by
+    the padded length T); ``dapo`` is both TRL ``"bnpo"`` (tokens of the local batch) and TRL ``"dapo"``
+    (tokens of the whole generation batch, ``num_items_in_batch``: that is ``totals`` here). TRL's
+    other loss types (``cispo``, ``sapo``, ``luspo``, ``vespo``) have no counterpart.
 
     ``totals = (rows, answer_tokens)`` of the whole batch makes this the loss of one micro-batch of it:
     summed over the micro-batches it equals the whole-batch loss, for every aggregation.
@@ -305,7 +343,7 @@ def grpo_loss(
     use_kl = beta > 0 and ref_logp is not None
     if use_kl:
         kl, n_clamped = k3_kl(logp, ref_logp.detach(), clamp=kl_clamp, mask=m)
-        per_token = pg + beta * kl
+        per_token = pg + beta * (kl * ratio if kl_importance_ratio else kl)
     else:
         kl, n_clamped = zeros, torch.zeros((), dtype=torch.long, device=logp.device)
         per_token = pg
