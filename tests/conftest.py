@@ -13,7 +13,8 @@ from lightning_latent.data.synthetic import SyntheticConfig, synthetic_record, s
 from lightning_latent.data.tokenizer import build_word_tokenizer
 from lightning_latent.model.latent_lm import LatentLM
 
-FIXTURE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "coconut_reference"
+# Outputs of the reference Coconut implementation (provenance in the folder's README.md); part of the repository.
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "coconut_reference"
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared 2-core machine
 
@@ -69,7 +70,9 @@ def synth_records():
 
 @pytest.fixture(scope="session")
 def coconut_fixture():
+    # The fixture is in the repository: a missing file is an error, never a reason to skip.
     path = FIXTURE_DIR / "expected.json"
-    if not path.exists():
-        pytest.skip(f"reference fixture missing: {path}")
+    if not path.exists() or not (FIXTURE_DIR / "model.safetensors").exists():
+        pytest.fail(f"reference fixture missing from the repository: {FIXTURE_DIR} (see tests/fixtures/"
+                    "coconut_reference/README.md)", pytrace=False)
     return json.loads(path.read_text())
