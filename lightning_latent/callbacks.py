@@ -15,7 +15,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from .rl.rewards import answers_equal
+from .answers import answers_equal
 
 log = logging.getLogger("lightning_latent")
 

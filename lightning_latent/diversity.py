@@ -14,7 +14,7 @@ import torch
 from .data.records import Record
 from .model.perturb import PerturbConfig, Perturber
 from .rl.grpo import group_stats
-from .rl.rewards import answer_key
+from .answers import answer_key
 from .rl.rollout import rollout, rollout_seed
 
 

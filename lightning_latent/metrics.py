@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_latent.rl.rewards import answer_key, answers_equal
+from lightning_latent.answers import answer_key, answers_equal
 
 __all__ = [
     "ExactMatchAccuracy",
@@ -71,7 +71,7 @@ def pass_at_k_table(n: int, k: int) -> Tensor:
 def majority_vote(answers: Sequence[str | None]) -> str | None:
     """The most frequent non-None answer, or None when there is none.
 
-    Answers are compared by a canonical key (:func:`~lightning_latent.rl.rewards.answer_key`), so
+    Answers are compared by a canonical key (:func:`~lightning_latent.answers.answer_key`), so
     ``"28"``, ``"28.0"`` and ``"$28"`` are one candidate; the returned string is that candidate's
     first occurrence. Ties go to the candidate that appeared FIRST (deterministic, as DESIGN.md
     requires, and independent of hash order). A missing answer (None) is an abstention, not a vote.

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .metrics import majority_vote, pass_at_k
-from .rl.rewards import answers_equal
+from .answers import answers_equal
 
 log = logging.getLogger("lightning_latent.study")
 
