@@ -125,6 +125,26 @@ def _question(row: Any) -> str:
     return q
 
 
+def _split_at_marker(text: str) -> tuple[str, str]:
+    """``(solution before, answer text after)`` the one ``####`` marker of a GSM8K-style text."""
+    body, sep, tail = text.partition("####")
+    if not sep:
+        raise BadRow("no_answer", "no '####' marker")
+    if "####" in tail:
+        raise BadRow("unparsable", "several '####' markers")
+    return body, tail
+
+
+def _numeric_answer(tail: str) -> str:
+    """The canonical number after a ``####`` marker (:func:`lightning_latent.answers.normalize_answer`)."""
+    answer = normalize_answer(tail)
+    if not answer:
+        raise BadRow("no_answer", "nothing after '####'")
+    if not is_numeric_answer(answer):
+        raise BadRow("non_numeric_answer", answer[:40])
+    return answer
+
+
 def parse_gsm8k(row: dict, idx: int) -> Record:
     """GSM8K row ``{question, answer}`` where ``answer`` is solution lines then ``#### N``.
 
@@ -133,17 +153,8 @@ def parse_gsm8k(row: dict, idx: int) -> Record:
     :func:`lightning_latent.answers.normalize_answer` (the rules rewards compare by), and must be numeric.
     """
     question = _question(row)
-    solution = _get_str(row, "answer")
-    body, sep, tail = solution.partition("####")
-    if not sep:
-        raise BadRow("no_answer", "no '####' marker")
-    if "####" in tail:
-        raise BadRow("unparsable", "several '####' markers")
-    answer = normalize_answer(tail)
-    if not answer:
-        raise BadRow("no_answer", "nothing after '####'")
-    if not is_numeric_answer(answer):
-        raise BadRow("non_numeric_answer", answer[:40])
+    body, tail = _split_at_marker(_get_str(row, "answer"))
+    answer = _numeric_answer(tail)
     steps = tuple(line.strip() for line in body.splitlines() if line.strip())
     return Record(question=question, steps=steps, answer=answer, idx=idx)
 
@@ -166,20 +177,11 @@ def parse_gsm8k_aug(line: str, idx: int) -> Record:
     question = question.strip()
     if not question:
         raise BadRow("empty_question")
-    body, sep, tail = rest.partition("####")
-    if not sep:
-        raise BadRow("no_answer", "no '####' marker")
-    if "####" in tail:
-        raise BadRow("unparsable", "several '####' markers")
+    body, tail = _split_at_marker(rest)
     steps = tuple(_EQUATION_RE.findall(body))
-    if _EQUATION_RE.sub("", body).strip():
+    if _EQUATION_RE.sub("", body).strip():  # checked before the answer: the reason a bad row is counted under
         raise BadRow("unparsable", "text outside <<...>> equations")
-    answer = normalize_answer(tail)
-    if not answer:
-        raise BadRow("no_answer", "nothing after '####'")
-    if not is_numeric_answer(answer):
-        raise BadRow("non_numeric_answer", answer[:40])
-    return Record(question=question, steps=steps, answer=answer, idx=idx)
+    return Record(question=question, steps=steps, answer=_numeric_answer(tail), idx=idx)
 
 
 def parse_coconut_json(row: dict, idx: int) -> Record:
