@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import subprocess
@@ -15,7 +14,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from .rl.rewards import answers_equal
+from .answers import answers_equal
+from .metrics import binomial_ci95
 
 log = logging.getLogger("lightning_latent")
 
@@ -124,7 +124,7 @@ class PhaseSummary(L.Callback):
             key = "val" if split == "validation" else split
             row[f"{key}_pass@1"] = p
             row[f"{key}_n"] = n
-            row[f"{key}_ci95"] = 1.96 * math.sqrt(p * (1 - p) / max(n, 1))
+            row[f"{key}_ci95"] = binomial_ci95(p, max(n, 1))
             if name == "start":  # self.log() is refused in on_fit_start: write to the loggers directly
                 for lg in trainer.loggers:
                     lg.log_metrics({f"phase/{name}/{key}_pass@1": p}, step=trainer.global_step)

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+import yaml
+
+from .reporting import flatten_hparams, markdown_table, read_events, scalars, write_csv
 
 DEFAULT_METRICS = ["val/pass@1", "test/pass@1", "grpo/reward_mean", "grpo/frac_zero_std"]
 DEFAULT_SCALARS = ["val/pass@1", "grpo/reward_mean", "grpo/frac_zero_std", "train/loss"]
@@ -76,48 +79,42 @@ def _hparams_from_plugin(acc) -> dict[str, Any]:
     return out
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d if isinstance(d, (int, float, str, bool)) or d is None else str(d)}
+class _HparamsLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` plus Python object tags read as plain data.
+
+    Lightning may write a hyperparameter it cannot express in plain YAML with a tag such as
+    ``!!python/object:lightning_latent.model.perturb.PerturbConfig``; this loader builds such a node as
+    the dict / list / string it contains (never the object: no code from the file runs).
+    """
+
+
+def _plain(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_HparamsLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain)
 
 
 def _hparams_from_yaml(path: Path) -> dict[str, Any]:
     f = path / "hparams.yaml"
     if not f.exists():
         return {}
-    import yaml
-
     try:
-        return _flatten(yaml.safe_load(f.read_text()) or {})
+        return flatten_hparams(yaml.load(f.read_text(), Loader=_HparamsLoader) or {})
     except yaml.YAMLError:
-        try:  # Lightning may write python objects (dataclasses) with tags
-            return _flatten(yaml.load(f.read_text(), Loader=yaml.UnsafeLoader) or {})
-        except Exception:
-            return {}
+        return {}
 
 
 def load_run(path: str | Path, name: str | None = None, tags: Iterable[str] | None = None) -> Run:
     """Read one run's scalars (all, or only ``tags``) and hyperparameters."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     path = Path(path)
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    wanted = set(tags) if tags is not None else None
-    scalars = {}
-    for tag in acc.Tags().get("scalars", []):
-        if wanted is not None and tag not in wanted:
-            continue
-        ev = acc.Scalars(tag)
-        df = pd.DataFrame({"step": [e.step for e in ev], "value": [e.value for e in ev],
-                           "wall_time": [e.wall_time for e in ev]})
-        scalars[tag] = df.sort_values(["step", "wall_time"], kind="stable").reset_index(drop=True)
+    acc = read_events(path)
     hp = _hparams_from_plugin(acc) or _hparams_from_yaml(path)
-    return Run(name or path.name, path, scalars, hp)
+    return Run(name or path.name, path, scalars(acc, tags), hp)
 
 
 def load_runs(logdir: str | Path, pattern: str | None = None) -> list[Run]:
@@ -164,17 +161,8 @@ def table(runs: list[Run], metrics: list[str] | None = None, hparams: list[str] 
 
 
 def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    def fmt(v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        if isinstance(v, float):
-            return format(v, floatfmt)
-        return str(v).replace("|", "\\|")
-
-    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
+    """The table as markdown (:func:`lightning_latent.reporting.markdown_table`): missing values empty."""
+    return markdown_table(list(df.columns), df.itertuples(index=False), floatfmt)
 
 
 def smooth(values: pd.Series, weight: float) -> pd.Series:
@@ -228,7 +216,7 @@ def compare(logdir: str | Path, out: str | Path | None = None, metrics: list[str
     out.mkdir(parents=True, exist_ok=True)
     df = table(runs, metrics, hparams)
     files = {"runs.csv": out / "runs.csv", "runs.md": out / "runs.md"}
-    df.to_csv(files["runs.csv"], index=False)
+    write_csv(files["runs.csv"], df)
     files["runs.md"].write_text(to_markdown(df) + "\n")
     files.update(plot_scalars(runs, list(scalars or DEFAULT_SCALARS), out, smoothing))
     return df, files

@@ -15,7 +15,7 @@ from .data.records import Record
 from .model.arms import get_arm
 from .model.perturb import PerturbConfig, Perturber
 from .rl.grpo import group_stats
-from .rl.rewards import answer_key
+from .answers import answer_key
 from .rl.rollout import rollout, rollout_seed
 
 

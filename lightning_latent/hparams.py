@@ -8,37 +8,20 @@ monitored scalar) and ``best/<tag>`` (the best value of the run), to the run's o
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import lightning as L
 
+# Re-exported: the flattening that writes hyperparameters here is the one compare.py reads them back with.
+from .reporting import flatten_hparams
+
+__all__ = ["DEFAULT_METRICS", "HParamsSummary", "flatten_hparams"]
+
 # metric tag -> "max" / "min" (which end is best)
 DEFAULT_METRICS: dict[str, str] = {"val/pass@1": "max", "test/pass@1": "max", "train/loss": "min",
                                    "grpo/reward_mean": "max", "grpo/frac_zero_std": "min", "grpo/kl": "min"}
-
-
-def flatten_hparams(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts / dataclasses -> ``{"a.b": scalar}``; lists and other objects become JSON / str."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        obj = asdict(obj)
-    if hasattr(obj, "items") and not isinstance(obj, str):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(flatten_hparams(v, f"{prefix}{k}."))
-        return out
-    key = prefix[:-1]
-    if obj is None:
-        return {key: "None"}
-    if isinstance(obj, (bool, int, float, str)):
-        return {key: obj}
-    try:
-        return {key: json.dumps(obj, default=lambda o: asdict(o) if is_dataclass(o) else str(o))}
-    except (TypeError, ValueError):
-        return {key: str(obj)}
 
 
 def _tb_experiment(trainer):

@@ -4,7 +4,9 @@
 * :func:`majority_vote`: maj@k by vote over k sampled answers; ties go to the answer seen first.
 * torchmetrics ``Metric`` classes whose states are sums (``dist_reduce_fx="sum"``), so the value
   computed after a DDP sync is exactly the value over the union of all ranks' data.
-* :func:`mean_and_ci95` / :func:`binomial_ci95`: the 95% interval every reported number carries.
+* :func:`mean_and_ci95`: the 95% t-interval of a mean (scipy's t quantile :func:`t975`), the interval
+  every reported mean carries; :func:`binomial_ci95`: its normal-approximation special case for a
+  proportion known only as (p, n), as in ``summary.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_latent.rl.rewards import answer_key, answers_equal
+from lightning_latent.answers import answer_key, answers_equal
 
 __all__ = [
     "ExactMatchAccuracy",
@@ -28,6 +30,7 @@ __all__ = [
     "mean_and_ci95",
     "pass_at_k",
     "pass_at_k_table",
+    "t975",
 ]
 
 
@@ -71,7 +74,7 @@ def pass_at_k_table(n: int, k: int) -> Tensor:
 def majority_vote(answers: Sequence[str | None]) -> str | None:
     """The most frequent non-None answer, or None when there is none.
 
-    Answers are compared by a canonical key (:func:`~lightning_latent.rl.rewards.answer_key`), so
+    Answers are compared by a canonical key (:func:`~lightning_latent.answers.answer_key`), so
     ``"28"``, ``"28.0"`` and ``"$28"`` are one candidate; the returned string is that candidate's
     first occurrence. Ties go to the candidate that appeared FIRST (deterministic, as DESIGN.md
     requires, and independent of hash order). A missing answer (None) is an abstention, not a vote.
@@ -96,12 +99,26 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     raise AssertionError("unreachable")
 
 
-def mean_and_ci95(values: Tensor | Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% normal-approximation interval, ``1.96 * sd / sqrt(n)``.
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (scipy), NaN for ``df < 1``.
 
-    ``values`` are per-problem scores (0/1 correctness or per-problem pass@k estimates); sd is the
-    sample standard deviation (n - 1 denominator). The half-width is NaN for a single value (no
-    spread can be estimated) so a one-problem "interval" is never mistaken for certainty.
+    The multiplier of every 95% interval of a mean in this project: exact for any ``df`` (a hand-written
+    table would have to round the ``df`` it lacks), and close to 1.96 only for large samples.
+    """
+    if df < 1:
+        return float("nan")
+    from scipy.stats import t  # imported here: scipy.stats is slow to import and only reports need it
+
+    return float(t.ppf(0.975, df))
+
+
+def mean_and_ci95(values: Tensor | Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval, ``t975(n - 1) * sd / sqrt(n)``.
+
+    The ONE interval of a mean in the project: per-problem scores of one evaluation (0/1 correctness,
+    per-problem pass@k, paired per-problem differences) and per-seed results across seeds alike. sd is
+    the sample standard deviation (n - 1 denominator). The half-width is NaN for a single value (no
+    spread can be estimated) so a one-value "interval" is never mistaken for certainty.
     """
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
     n = v.numel()
@@ -111,17 +128,28 @@ def mean_and_ci95(values: Tensor | Sequence[float]) -> tuple[float, float]:
     if n == 1:
         return mean, float("nan")
     sd = v.std(unbiased=True).item()
-    return mean, 1.96 * sd / math.sqrt(n)
+    return mean, t975(n - 1) * sd / math.sqrt(n)
+
+
+Z975 = 1.96
+"""The normal 0.975 quantile as conventionally rounded (scipy: 1.95996...), used by :func:`binomial_ci95`."""
 
 
 def binomial_ci95(p: float, n: int) -> float:
     """Half-width of the 95% normal-approximation (Wald) interval of an accuracy p over n problems:
-    ``1.96 * sqrt(p (1 - p) / n)``. For reporting headline accuracies with their evaluation size."""
+    ``1.96 * sqrt(p (1 - p) / n)``.
+
+    The documented special case of :func:`mean_and_ci95` for a proportion: the same mean's interval with
+    the population sd ``sqrt(p (1 - p))`` of the n 0/1 scores and the large-n limit 1.96 of ``t975``
+    (headline evaluations have hundreds of problems, where t975 is 1.96 to two decimals). It needs
+    only (p, n), which is what ``summary.json`` keeps per phase, and it stays the interval that file
+    has always reported.
+    """
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    return 1.96 * math.sqrt(p * (1.0 - p) / n)
+    return Z975 * math.sqrt(p * (1.0 - p) / n)
 
 
 # --------------------------------------------------------------------------------------------------

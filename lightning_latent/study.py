@@ -12,52 +12,25 @@ seeds, and paired differences on the same test problems.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .metrics import majority_vote, pass_at_k
-from .rl.rewards import answers_equal
+from .answers import answers_equal
+from .metrics import majority_vote, mean_and_ci95, pass_at_k
+from .processes import REPO_ROOT, RUN_SCRIPT, run_process
+from .reporting import markdown_table, scalars, write_csv
 
 log = logging.getLogger("lightning_latent.study")
 
 ARMS = ("none", "temperature", "dropout_per_step", "gaussian", "dropout_shared", "sft_continue")
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs" / "synthetic"
-RUN = ROOT / "experiments" / "run.py"
-
-# Student-t 0.975 quantiles for small numbers of seeds (df = seeds - 1).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t975(df: int) -> float:
-    if df <= 0:
-        return float("nan")
-    keys = sorted(_T975)
-    for k in keys:
-        if df <= k:
-            return _T975[k]
-    return 1.96
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95% t-interval (nan with one value)."""
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, t975(n - 1) * sd / math.sqrt(n)
-
+CONFIGS = REPO_ROOT / "experiments" / "configs" / "synthetic"
 
 @dataclass
 class Budget:
@@ -119,18 +92,15 @@ class Study:
         vdir = self.tb / name / version
         if vdir.exists():  # an unfinished earlier attempt: start the cell again from scratch
             shutil.rmtree(vdir)
-        cmd = [sys.executable, str(RUN), *args, "--trainer.logger.init_args.save_dir", str(self.tb),
+        cmd = [sys.executable, str(RUN_SCRIPT), *args, "--trainer.logger.init_args.save_dir", str(self.tb),
                "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", version,
                "--trainer.enable_progress_bar", "false"]
         logf = self.cells / f"{cell}.log"
+        logf.unlink(missing_ok=True)  # one attempt per log: an unfinished earlier attempt starts again
         log.info("cell %s: %s", cell, " ".join(cmd))
-        with open(logf, "w") as f:
-            f.write(" ".join(cmd) + "\n")
-            f.flush()
-            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=self.out,
-                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if p.returncode != 0:
-            raise RuntimeError(f"cell {cell} failed (exit {p.returncode}); see {logf}")
+        rc = run_process(cmd, {**os.environ, "PYTHONWARNINGS": "ignore"}, logf, cwd=self.out)
+        if rc != 0:
+            raise RuntimeError(f"cell {cell} failed (exit {rc}); see {logf}")
         return vdir
 
     def _seed_args(self, seed: int) -> list[str]:
@@ -165,8 +135,8 @@ class Study:
         t = time.perf_counter()
         vdir = self._run(args, arm, f"seed{seed}", cell)
         best = vdir / "checkpoints" / "best.ckpt"
-        curves = read_scalars(vdir, ("grpo/frac_zero_std", "grpo/reward_mean", "grpo/frac_all_correct",
-                                     "grpo/frac_all_wrong", "grpo/frac_mixed", "val/pass@1"))
+        curves = read_curves(vdir, ("grpo/frac_zero_std", "grpo/reward_mean", "grpo/frac_all_correct",
+                                    "grpo/frac_all_wrong", "grpo/frac_mixed", "val/pass@1"))
         fz = curves.get("grpo/frac_zero_std", [])
         return self._finish(cell, {"ckpt": str(best if best.exists() else vdir / "checkpoints" / "last.ckpt"),
                                    "frac_zero_std": sum(v for _, v in fz) / len(fz) if fz else float("nan"),
@@ -239,22 +209,20 @@ class Study:
         lines = ["# Ablation results (synthetic task)", "",
                  f"Seeds: {self.seeds}; test problems per evaluation: {results[0]['n_eval'] if results else 0}; "
                  f"GRPO steps per arm: {self.budget.grpo_steps}; pass@{k} / maj@{k} under one evaluation sampler "
-                 f"(dropout_shared p={self.budget.eval_p}, T=1). Intervals: 95% t-intervals over seeds.", "",
-                 f"| arm | seeds | pass@1 | maj@{k} | pass@{k} | frac_zero_std (train) |", "|---|---|---|---|---|---|"]
+                 f"(dropout_shared p={self.budget.eval_p}, T=1). Intervals: 95% t-intervals over seeds.", ""]
+        rows = []
         for arm in ("coconut_start", *self.arms):
             rs = [r for r in results if r["arm"] == arm]
             if not rs:
                 continue
-            cells = []
-            for c in ("pass@1", f"maj@{k}", f"pass@{k}"):
-                m, h = mean_ci([r[c] for r in rs])
-                cells.append(f"{100 * m:.1f} ± {100 * h:.1f}" if not math.isnan(h) else f"{100 * m:.1f}")
+            cells = [_mean_pm([r[c] for r in rs]) for c in ("pass@1", f"maj@{k}", f"pass@{k}")]
             fz = [r["frac_zero_std"] for r in rs if not math.isnan(r["frac_zero_std"])]
-            lines.append(f"| {arm} | {len(rs)} | {' | '.join(cells)} | {sum(fz) / len(fz):.2f} |" if fz else
-                         f"| {arm} | {len(rs)} | {' | '.join(cells)} | - |")
+            rows.append([arm, len(rs), *cells, f"{sum(fz) / len(fz):.2f}" if fz else "-"])
+        lines += [markdown_table(["arm", "seeds", "pass@1", f"maj@{k}", f"pass@{k}", "frac_zero_std (train)"], rows)]
         lines += ["", "## Paired differences in test pass@1 (same problems, percentage points)", "",
-                  "Per seed: mean of per-problem differences ± 1.96 SE; across seeds: mean ± 95% t-interval.", "",
-                  "| comparison | per seed | across seeds |", "|---|---|---|"]
+                  "Per seed: mean of per-problem differences ± 95% t-interval over problems; across seeds: "
+                  "mean ± 95% t-interval.", ""]
+        rows = []
         for base in ("temperature", "coconut_start"):
             for arm in self.arms:
                 if arm == base:
@@ -265,14 +233,11 @@ class Study:
                     if a is None or b is None:
                         continue
                     d = [x - y for x, y in zip(a, b)]
-                    m = sum(d) / len(d)
-                    sd = math.sqrt(sum((v - m) ** 2 for v in d) / max(len(d) - 1, 1))
-                    per_seed.append(f"s{s}: {100 * m:+.1f} ± {100 * 1.96 * sd / math.sqrt(len(d)):.1f}")
-                    diffs.append(m)
+                    per_seed.append(f"s{s}: {_mean_pm(d, signed=True)}")
+                    diffs.append(sum(d) / len(d))
                 if diffs:
-                    m, h = mean_ci(diffs)
-                    across = f"{100 * m:+.1f} ± {100 * h:.1f}" if not math.isnan(h) else f"{100 * m:+.1f}"
-                    lines.append(f"| {arm} − {base} | {'; '.join(per_seed)} | {across} |")
+                    rows.append([f"{arm} − {base}", "; ".join(per_seed), _mean_pm(diffs, signed=True)])
+        lines += [markdown_table(["comparison", "per seed", "across seeds"], rows)]
         lines += ["", f"Wall time of this invocation: {time.perf_counter() - self.t0:.0f} s."]
         (self.out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -288,7 +253,7 @@ class Study:
         fig, ax = plt.subplots(figsize=(8, 4))
         for i, a in enumerate(arms):
             vals = [100 * r["pass@1"] for r in results if r["arm"] == a]
-            m, h = mean_ci([v / 100 for v in vals])
+            m, h = mean_and_ci95([v / 100 for v in vals])
             ax.bar(i, 100 * m, yerr=None if math.isnan(h) else 100 * h, capsize=4, color="C0" if a != "coconut_start" else "C7")
             ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
         ax.set_xticks(range(len(arms)), arms, rotation=20)
@@ -318,6 +283,14 @@ class Study:
         plt.close(fig)
 
 
+def _mean_pm(values: list[float], signed: bool = False) -> str:
+    """``"12.5 ± 3.1"``: the mean and its 95% interval half-width (:func:`mean_and_ci95`) in percentage
+    points; the mean alone when one value leaves no spread to estimate."""
+    m, h = mean_and_ci95(values)
+    mean = f"{100 * m:+.1f}" if signed else f"{100 * m:.1f}"
+    return mean if math.isnan(h) else f"{mean} ± {100 * h:.1f}"
+
+
 def _summ(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "correct"}
 
@@ -336,23 +309,11 @@ def score(rows: list[dict], k: int) -> dict:
     return out
 
 
-def read_scalars(logdir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    ea.Reload()
-    have = set(ea.Tags()["scalars"])
-    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in tags if t in have}
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        path.write_text("")
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def read_curves(logdir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of the ``tags`` a run logged, as JSON-ready lists (kept in the cell
+    file, which outlives the event files of a cleaned-up run)."""
+    return {t: [(int(st), float(v)) for st, v in zip(df["step"], df["value"])]
+            for t, df in scalars(logdir, tags).items()}
 
 
 def plot_diversity(rows: list[dict], path: Path) -> None:

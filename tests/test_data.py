@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lightning_latent.answers import normalize_answer
 from lightning_latent.data.records import (
     BadRow,
     Record,
     SkipCounter,
-    normalize_answer,
     parse_coconut_json,
     parse_gsm8k,
     parse_gsm8k_aug,

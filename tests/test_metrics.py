@@ -22,6 +22,7 @@ from lightning_latent.metrics import (
     majority_vote,
     mean_and_ci95,
     pass_at_k,
+    t975,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -83,16 +84,26 @@ def test_intervals() -> None:
     mean, hw = mean_and_ci95(values)
     # sample sd of [1,0,1,1]: mean .75, squared deviations .0625*3 + .5625 = .75, /3 = .25 -> sd .5
     assert mean == pytest.approx(0.75)
-    assert hw == pytest.approx(1.96 * 0.5 / 2)
+    assert hw == pytest.approx(3.1824463 * 0.5 / 2)  # t quantile, df = 3
     m2, hw2 = mean_and_ci95(torch.tensor(values))
     assert (m2, hw2) == pytest.approx((mean, hw))
     assert math.isnan(mean_and_ci95([1.0])[1])
     with pytest.raises(ValueError):
         mean_and_ci95([])
-    assert binomial_ci95(0.5, 100) == pytest.approx(1.96 * 0.05)
+    assert binomial_ci95(0.5, 100) == pytest.approx(1.96 * 0.05)  # summary.json's interval, unchanged
     assert binomial_ci95(0.0, 10) == 0.0
     with pytest.raises(ValueError):
         binomial_ci95(0.5, 0)
+
+
+def test_t975_matches_the_printed_table() -> None:
+    """scipy's quantiles agree to 3 decimals with the t-table the study used to carry (where it had df)."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+             10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+    for df, q in table.items():
+        assert round(t975(df), 3) == q
+    assert math.isnan(t975(0))
+    assert 1.96 < t975(10_000) < 1.961
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_latent.study import mean_ci, score
+from lightning_latent.metrics import mean_and_ci95
+from lightning_latent.study import score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,8 @@ def test_score_and_intervals_by_hand():
     assert s["pass@2"] == pytest.approx(2 / 3)
     # maj@2: ties go to the first-seen answer -> "3" (correct), "4" (wrong), "7" (correct)
     assert s["maj@2"] == pytest.approx(2 / 3)
-    m, h = mean_ci([0.2, 0.4])
-    assert m == pytest.approx(0.3) and h == pytest.approx(12.706 * 0.14142135623730953 / 2 ** 0.5)
+    m, h = mean_and_ci95([0.2, 0.4])  # across seeds: t quantile with df = 1
+    assert m == pytest.approx(0.3) and h == pytest.approx(12.7062047 * 0.14142135623730953 / 2 ** 0.5)
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from ..answers import is_numeric_answer, normalize_answer
+
 
 @dataclass(frozen=True)
 class Record:
@@ -28,8 +30,6 @@ __all__ = [
     "BadRow",
     "SkipCounter",
     "raise_or_count",
-    "normalize_answer",
-    "is_numeric_answer",
     "parse_gsm8k",
     "parse_gsm8k_aug",
     "parse_coconut_json",
@@ -104,52 +104,6 @@ def raise_or_count(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Answers
-
-_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-
-
-def _canonical_number(s: str) -> str:
-    """Exact canonical decimal form of a string matching ``_NUMBER_RE`` (no float rounding)."""
-    sign = ""
-    if s[0] in "+-":
-        sign, s = ("-" if s[0] == "-" else ""), s[1:]
-    whole, _, frac = s.partition(".")
-    whole = whole.lstrip("0") or "0"
-    frac = frac.rstrip("0")
-    out = whole + ("." + frac if frac else "")
-    if out == "0":
-        return "0"  # "-0", "-0.0" -> "0"
-    return sign + out
-
-
-def normalize_answer(text: str) -> str:
-    """Canonical final answer.
-
-    Numbers (after stripping whitespace, ``$``, a trailing ``.`` and thousands commas) come back in a
-    canonical decimal form: ``"1,000" -> "1000"``, ``"3.50" -> "3.5"``, ``"-0" -> "0"``,
-    ``"5.0" -> "5"``, ``"$18." -> "18"``. Anything else (ProsQA ``"Tom is a wumpus."``) comes back only
-    stripped of surrounding whitespace.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"answer must be a str, got {type(text).__name__}")
-    stripped = text.strip()
-    s = stripped.replace("$", "").strip()
-    while s.endswith("."):
-        s = s[:-1].rstrip()
-    if "," in s and re.fullmatch(r"[+-]?\d[\d,]*(?:\.\d*)?", s):
-        s = s.replace(",", "")  # thousands separators, GSM8K style (every comma between digits)
-    if s and _NUMBER_RE.fullmatch(s):
-        return _canonical_number(s)
-    return stripped
-
-
-def is_numeric_answer(text: str) -> bool:
-    """True when ``text`` is a canonical number as produced by :func:`normalize_answer`."""
-    return bool(text) and _NUMBER_RE.fullmatch(text) is not None
-
-
-# ---------------------------------------------------------------------------------------------------
 # Parsers
 
 
@@ -171,24 +125,36 @@ def _question(row: Any) -> str:
     return q
 
 
-def parse_gsm8k(row: dict, idx: int) -> Record:
-    """GSM8K row ``{question, answer}`` where ``answer`` is solution lines then ``#### N``.
-
-    Steps are the stripped non-empty lines before the ``####`` marker (calculator annotations
-    ``<<a*b=c>>`` kept as they are); the answer is the text after it, normalised, and must be numeric.
-    """
-    question = _question(row)
-    solution = _get_str(row, "answer")
-    body, sep, tail = solution.partition("####")
+def _split_at_marker(text: str) -> tuple[str, str]:
+    """``(solution before, answer text after)`` the one ``####`` marker of a GSM8K-style text."""
+    body, sep, tail = text.partition("####")
     if not sep:
         raise BadRow("no_answer", "no '####' marker")
     if "####" in tail:
         raise BadRow("unparsable", "several '####' markers")
+    return body, tail
+
+
+def _numeric_answer(tail: str) -> str:
+    """The canonical number after a ``####`` marker (:func:`lightning_latent.answers.normalize_answer`)."""
     answer = normalize_answer(tail)
     if not answer:
         raise BadRow("no_answer", "nothing after '####'")
     if not is_numeric_answer(answer):
         raise BadRow("non_numeric_answer", answer[:40])
+    return answer
+
+
+def parse_gsm8k(row: dict, idx: int) -> Record:
+    """GSM8K row ``{question, answer}`` where ``answer`` is solution lines then ``#### N``.
+
+    Steps are the stripped non-empty lines before the ``####`` marker (calculator annotations
+    ``<<a*b=c>>`` kept as they are); the answer is the text after it, normalised by
+    :func:`lightning_latent.answers.normalize_answer` (the rules rewards compare by), and must be numeric.
+    """
+    question = _question(row)
+    body, tail = _split_at_marker(_get_str(row, "answer"))
+    answer = _numeric_answer(tail)
     steps = tuple(line.strip() for line in body.splitlines() if line.strip())
     return Record(question=question, steps=steps, answer=answer, idx=idx)
 
@@ -211,27 +177,18 @@ def parse_gsm8k_aug(line: str, idx: int) -> Record:
     question = question.strip()
     if not question:
         raise BadRow("empty_question")
-    body, sep, tail = rest.partition("####")
-    if not sep:
-        raise BadRow("no_answer", "no '####' marker")
-    if "####" in tail:
-        raise BadRow("unparsable", "several '####' markers")
+    body, tail = _split_at_marker(rest)
     steps = tuple(_EQUATION_RE.findall(body))
-    if _EQUATION_RE.sub("", body).strip():
+    if _EQUATION_RE.sub("", body).strip():  # checked before the answer: the reason a bad row is counted under
         raise BadRow("unparsable", "text outside <<...>> equations")
-    answer = normalize_answer(tail)
-    if not answer:
-        raise BadRow("no_answer", "nothing after '####'")
-    if not is_numeric_answer(answer):
-        raise BadRow("non_numeric_answer", answer[:40])
-    return Record(question=question, steps=steps, answer=answer, idx=idx)
+    return Record(question=question, steps=steps, answer=_numeric_answer(tail), idx=idx)
 
 
 def parse_coconut_json(row: dict, idx: int) -> Record:
     """Coconut JSON row ``{question, steps: [str], answer}`` (ProsQA, ProntoQA, Coconut's GSM8K).
 
     Steps are kept verbatim except surrounding whitespace; an empty step is a bad row. The answer goes
-    through :func:`normalize_answer` (numbers canonical, text only stripped).
+    through :func:`lightning_latent.answers.normalize_answer` (numbers canonical, text only stripped).
     """
     question = _question(row)
     if "steps" not in row or row["steps"] is None:

@@ -36,7 +36,9 @@ import optuna
 from optuna.trial import TrialState
 
 from .report import PRUNED_KEY, LOG_DIR_KEY
-from .runner import Launch, command, error_from_log, fit_args, run_process, shell_line, trial_env, trial_version
+from ..processes import error_from_log, run_process, shell_line
+from ..reporting import markdown_table, write_csv
+from .runner import Launch, command, fit_args, trial_env, trial_version
 from .space import SweepConfig, load_sweep_config
 
 log = logging.getLogger("lightning_latent.sweep")
@@ -295,19 +297,6 @@ class Worker:
 
 
 # -- results ---------------------------------------------------------------------------------------------
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        out.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in r) + " |")
-    return "\n".join(out)
-
-
 def trials_frame(study: optuna.Study):
     import pandas as pd
 
@@ -337,7 +326,7 @@ def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storag
     files: dict[str, Path] = {}
     df = trials_frame(study)
     files["trials.csv"] = out / "trials.csv"
-    df.to_csv(files["trials.csv"], index=False)
+    write_csv(files["trials.csv"], df)
 
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     states = {s.name: sum(1 for t in study.get_trials(deepcopy=False) if t.state == s) for s in TrialState}
@@ -351,7 +340,7 @@ def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storag
     if complete:
         best = study.best_trial
         lines += ["## Best trial", "", f"Trial {best.number}: `{cfg.metric}` = {best.value:.4f}", "",
-                  _md_table(["parameter", "value"], [[k, v] for k, v in best.params.items()]), ""]
+                  markdown_table(["parameter", "value"], [[k, v] for k, v in best.params.items()]), ""]
         if best.user_attrs.get("log_dir"):
             lines += [f"Logs: `{best.user_attrs['log_dir']}`", ""]
         launch = Launch(devices=int(best.user_attrs.get("devices", 1)))
@@ -370,13 +359,13 @@ def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storag
             lines += ["Parameter importances: need at least 2 completed trials.", ""]
         if importances:
             lines += ["## Parameter importances", "",
-                      _md_table(["parameter", "importance"], [[k, v] for k, v in importances.items()]), ""]
+                      markdown_table(["parameter", "importance"], [[k, v] for k, v in importances.items()]), ""]
     else:
         lines += ["No trial completed yet.", ""]
     cols = [c for c in ("number", "state", "value", "duration_s", "last_step") if c in df.columns]
     pcols = [c for c in df.columns if c.startswith("params_")]
     if len(df):
-        lines += ["## Trials", "", _md_table(cols + [c[7:] for c in pcols] + ["error"],
+        lines += ["## Trials", "", markdown_table(cols + [c[7:] for c in pcols] + ["error"],
                                               [[r[c] for c in cols + pcols] + [r["error"] or ""]
                                                for _, r in df.iterrows()]), ""]
     files["summary.md"] = out / "summary.md"

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+# The process side (own session, log file, group kill, error line) is shared with the ablation study.
+from ..processes import REPO_ROOT, RUN_SCRIPT, error_from_log, kill_group, run_process, shell_line
 from .report import ENV_METRIC, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RUN_SCRIPT = REPO_ROOT / "experiments" / "run.py"
+__all__ = ["Launch", "REPO_ROOT", "RUN_SCRIPT", "command", "error_from_log", "fit_args", "kill_group", "run_process",
+           "shell_line", "trial_env", "trial_version"]
 
 
 @dataclass
@@ -86,66 +83,3 @@ def trial_env(storage_url: str, study_name: str, number: int, metric: str, prune
                 ENV_PRUNER: json.dumps(pruner)})
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def shell_line(cmd: list[str]) -> str:
-    return " ".join(shlex.quote(c) for c in cmd)
-
-
-def error_from_log(path: Path, limit: int = 2000) -> str:
-    """The last traceback's final line (or the log's tail) for the trial's error attribute."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    lines = [re.sub(r"^\[rank\d+\]:\s?", "", ln) for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        s = ln.strip()
-        if (s.split(":", 1)[0].endswith(("Error", "Exception", "Interrupt")) or s.startswith("error:")) and \
-                not s.startswith("File "):
-            return s[:limit]
-    return "\n".join(lines[-5:])[-limit:]
-
-
-def kill_group(proc: subprocess.Popen, sig=signal.SIGTERM, wait_s: float = 10.0) -> None:
-    """Signal the trial's whole process group (all ranks), then SIGKILL whatever is left."""
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=wait_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def run_process(cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float | None = None,
-                on_start: Callable[[subprocess.Popen], None] | None = None, cwd: str | Path = REPO_ROOT) -> int:
-    """Run ``cmd`` in its own session (so every rank can be signalled together), output to
-    ``log_path``; returns the exit status. Ctrl-C / SIGTERM in the caller stop the whole group."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as logf:
-        logf.write(f"$ {shell_line(cmd)}\n".encode())
-        logf.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=str(cwd),
-                                start_new_session=True)
-        if on_start is not None:
-            on_start(proc)
-        t0 = time.monotonic()
-        try:
-            while True:
-                try:
-                    return proc.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-                        kill_group(proc)
-                        logf.write(f"\n[sweep] trial killed after its timeout of {timeout_s:.0f} s\n".encode())
-                        return -9
-        except BaseException:
-            kill_group(proc, signal.SIGINT)
-            raise
