@@ -41,6 +41,7 @@ class LatentCLI(LightningCLI):
                              "checkpoint.save_top_k": 0, "checkpoint.filename": "step{step}"})
         parser.link_arguments("data.synthetic", "model.synthetic", apply_on="instantiate")
         parser.link_arguments("data.seed", "model.seed", apply_on="instantiate")
+        parser.link_arguments("data.task", "model.task", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning 2.6 would overwrite the command line with the checkpoint's hyperparameters (so

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .data.layout import IGNORE, CurriculumConfig, Layout, collate_train
 from .data.records import BadRow, Record
-from .data.synthetic import SyntheticConfig, default_synthetic
+from .data.synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
 from .distributed import all_sum, is_distributed, sync_grads, world_size
 from .evaluation import EvalConfig, Evaluator, prediction_rows
 from .guards import NonFiniteGuard
@@ -93,6 +93,8 @@ class LatentReasoner(L.LightningModule):
             (``base_causallm.*``) or an HF folder / hub id.
         synthetic: synthetic-task settings (fix the word-level tokenizer's vocabulary).
         seed: the run's seed (rollout seeds and curriculum sampling derive from it).
+        task: the data task (linked from ``--data.task`` by the CLI): a from-scratch model gets that
+            task's word vocabulary (the task registry, data/tasks.py); None: the synthetic one.
     """
 
     def __init__(
@@ -108,8 +110,9 @@ class LatentReasoner(L.LightningModule):
         grpo_prompts: int = 16,
         max_length: int = 256,
         init_from: str | None = None,
-        synthetic: SyntheticConfig = default_synthetic(),
+        synthetic: SyntheticConfig = DEFAULT_SYNTHETIC,
         seed: int = 0,
+        task: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -131,7 +134,7 @@ class LatentReasoner(L.LightningModule):
         self.total_steps = self.segments[-1].end
 
         init_sd, tok_bytes = init_state_dict(init_from) if init_from is not None else (None, None)
-        self.tokenizer = tokenizer_from_bytes(tok_bytes) if tok_bytes else build_tokenizer(self.backbone_cfg, synthetic)
+        self.tokenizer = tokenizer_from_bytes(tok_bytes) if tok_bytes else build_tokenizer(self.backbone_cfg, synthetic, task)
         lm, _ = build_model(self.backbone_cfg, self.tokenizer)
         if init_sd is not None:
             load_weights(lm, init_sd, init_from)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Iterator
 
 import lightning as L
 from datasets import IterableDataset
@@ -20,21 +20,11 @@ from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import IterableDataset as TorchIterable
 
 from .records import Record
-from .sources import (
-    SKIPS,
-    coconut_json_source,
-    gsm8k_aug_source,
-    gsm8k_source,
-    row_to_record,
-    split_for_rank,
-    synthetic_source,
-)
-from .synthetic import SyntheticConfig, default_synthetic
+from .sources import SKIPS, row_to_record, split_for_rank
+from .synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
+from .tasks import SourceArgs, get_task
 
 log = logging.getLogger("lightning_latent.data")
-
-Task = Literal["synthetic", "gsm8k", "gsm8k_aug", "coconut_json"]
-
 
 class _Batch(list):
     """A training batch (a list of records) that also carries, from a DataLoader worker, the rows that
@@ -120,8 +110,10 @@ class LatentDataModule(L.LightningDataModule):
     """Train / validation / test records for one task.
 
     Args:
-        task: ``synthetic`` (built in, endless), ``gsm8k`` (hub ``openai/gsm8k`` or local JSONL),
-            ``gsm8k_aug`` (``question||<<...>> #### N`` lines) or ``coconut_json`` (ProsQA / ProntoQA).
+        task: a name in :data:`~lightning_latent.data.tasks.TASKS`: ``synthetic`` (built in, endless),
+            ``gsm8k`` (hub ``openai/gsm8k`` or local JSONL), ``gsm8k_aug`` (``question||<<...>> #### N``
+            lines), ``coconut_json`` (ProsQA / ProntoQA), or any task added with ``register_task``
+            (a plain ``str``, checked against the registry, so the CLI accepts registered tasks too).
         path: local file or folder for the file-backed tasks (gsm8k: none means the hub).
         hub_name: hub id, or a local folder laid out like the hub dataset.
         val_size: GSM8K validation = the last ``val_size`` rows of train (a fixed held-out slice).
@@ -134,11 +126,11 @@ class LatentDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        task: Task = "synthetic",
+        task: str = "synthetic",
         path: str | None = None,
         hub_name: str = "openai/gsm8k",
         val_size: int = 500,
-        synthetic: SyntheticConfig = default_synthetic(),
+        synthetic: SyntheticConfig = DEFAULT_SYNTHETIC,
         val_limit: int | None = 300,
         test_limit: int | None = 500,
         eval_batch_size: int = 64,
@@ -148,9 +140,7 @@ class LatentDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
-        if task not in ("synthetic", "gsm8k", "gsm8k_aug", "coconut_json"):
-            raise ValueError(f"data.task={task!r} is unknown; choose synthetic, gsm8k, gsm8k_aug or coconut_json")
-        if task in ("gsm8k_aug", "coconut_json") and path is None:
+        if get_task(task).needs_path and path is None:  # get_task: an unknown name lists the registered ones
             raise ValueError(f"data.task={task!r} needs data.path (a file or folder)")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
@@ -166,18 +156,18 @@ class LatentDataModule(L.LightningDataModule):
 
     # -- sources ------------------------------------------------------------------------------------
     def source(self, split: str) -> IterableDataset:
-        if self.task == "synthetic":
-            size = self.val_limit if split == "validation" else self.test_limit if split == "test" else None
-            return synthetic_source(split, self.synthetic, size=size)
-        if self.task == "gsm8k":
-            ds = gsm8k_source(split, path=self.path, hub_name=self.hub_name, val_size=self.val_size, strict=self.strict)
-        elif self.task == "gsm8k_aug":
-            ds = gsm8k_aug_source(split, self.path, strict=self.strict)
-        else:
-            ds = coconut_json_source(split, self.path, strict=self.strict)
+        """The stream of ``split`` for this task, from the registry.
+
+        The task is looked up by name on each call (not kept as an object) so the datamodule stays
+        picklable whatever the task's functions are."""
+        task = get_task(self.task)
+        limit = self.val_limit if split == "validation" else self.test_limit if split == "test" else None
+        ds = task.source(split, SourceArgs(path=self.path, hub_name=self.hub_name, val_size=self.val_size,
+                                           synthetic=self.synthetic, strict=self.strict, limit=limit))
+        if task.generated:  # already seeded and sized by `limit`: neither shuffled nor cut here
+            return ds
         if split == "train" and self.shuffle_buffer > 0:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-        limit = self.val_limit if split == "validation" else self.test_limit if split == "test" else None
         return ds.take(limit) if limit is not None else ds
 
     def _rank(self) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from .records import Record
 
 __all__ = [
     "SyntheticConfig",
+    "DEFAULT_SYNTHETIC",
     "synthetic_record",
     "synthetic_vocabulary",
     "split_of_question",
@@ -81,6 +82,12 @@ class SyntheticConfig:
                 raise ValueError(f"names and items must be single ASCII words, got {w!r}")
         if not self.names or not self.items:
             raise ValueError("names and items must be non-empty")
+
+
+#: The run's synthetic settings when none are given: the one place both ``LatentDataModule`` and
+#: ``LatentReasoner`` take their default from (they must agree, since the model's word vocabulary is
+#: built from it). ``SyntheticConfig`` is frozen, so sharing one instance as a default is safe.
+DEFAULT_SYNTHETIC = SyntheticConfig(max_number=20, max_value=60)
 
 
 def _stable_int(*parts: object) -> int:
@@ -158,7 +165,3 @@ def synthetic_vocabulary(cfg: SyntheticConfig) -> list[str]:
     words -= set(symbols)
     return sorted(words) + symbols + [str(n) for n in range(cfg.max_value + 1)]
 
-
-def default_synthetic() -> SyntheticConfig:
-    """The embedded default task's settings (one place: the module's and the datamodule's defaults)."""
-    return SyntheticConfig(max_number=20, max_value=60)

@@ -3,8 +3,9 @@
 Three ways in, one way out (a model whose vocabulary holds the Coconut tokens, and its tokenizer):
 
 - ``name_or_path`` set: ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` (hub id or folder);
-- ``name_or_path`` unset: a small GPT-2 from scratch with the synthetic task's word-level tokenizer,
-  built on the spot (it is saved with every checkpoint);
+- ``name_or_path`` unset: a small GPT-2 from scratch with a word-level tokenizer built on the spot over
+  the task's vocabulary (:func:`~lightning_latent.data.tasks.word_vocabulary`; the synthetic
+  vocabulary unless the task brings its own) and saved with every checkpoint;
 - :func:`load_weights` then applies ``init_from`` weights: one of our ``.ckpt`` files, a state dict
   saved by the reference Coconut code (``.pt``, keys ``base_causallm.*``), or an HF folder / hub id.
 """
@@ -22,7 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from ..data.layout import add_latent_tokens
-from ..data.synthetic import SyntheticConfig, synthetic_vocabulary
+from ..data.synthetic import SyntheticConfig
+from ..data.tasks import word_vocabulary
 from ..data.tokenizer import build_word_tokenizer
 
 log = logging.getLogger("lightning_latent")
@@ -54,10 +56,14 @@ class ModelConfig:
             raise ValueError(f"backbone.dropout={self.dropout} must be in [0, 1)")
 
 
-def build_tokenizer(cfg: ModelConfig, synthetic: SyntheticConfig | None = None):
+def build_tokenizer(cfg: ModelConfig, synthetic: SyntheticConfig | None = None, task: str | None = None):
+    """The run's tokenizer: ``cfg.tokenizer`` / ``cfg.name_or_path`` (hub id or folder) when set, else a
+    word-level tokenizer over ``task``'s vocabulary from the registry (``task`` None: the synthetic
+    task's, which was the only choice before tasks could bring their own; ``synthetic`` None:
+    ``SyntheticConfig()``)."""
     name = cfg.tokenizer or cfg.name_or_path
     if name is None:
-        return build_word_tokenizer(synthetic_vocabulary(synthetic or SyntheticConfig()))
+        return build_word_tokenizer(word_vocabulary(task, synthetic))
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as err:
