@@ -50,6 +50,7 @@ DRIVER = textwrap.dedent(
     REWARDS["text_hash"] = lambda texts, golds: torch.tensor([float(sum(map(ord, t)) % 5) / 4 for t in texts])
     from lightning_latent.schedule import Phase
     import lightning_latent.module as M
+    import lightning_latent.rl.update as U
 
     args = json.loads(sys.argv[1])
     # text_hash, except that every rollout of a prompt whose gold is in ``flat_golds`` gets reward 0: those
@@ -100,7 +101,7 @@ DRIVER = textwrap.dedent(
     if args.get("probe"):
         # Record, on each rank: the groups kept, the (rows, answer tokens) the loss is normalised by, and the
         # gradient of the first inner iteration before and after the all-reduce.
-        keep_fn, loss_fn, sync_fn = M.select_mixed_groups, M.grpo_loss, module._sync_grads
+        keep_fn, loss_fn, sync_fn = U.select_mixed_groups, U.grpo_loss, M.sync_grads
 
         def keep(rewards):
             k = keep_fn(rewards)
@@ -113,17 +114,18 @@ DRIVER = textwrap.dedent(
                 probe.setdefault("totals", list(kw["totals"]))
             return loss_fn(*a, **kw)
 
-        def sync():
+        def sync(params):
+            params = list(params)
             first = "grad_local" not in probe
             if first:
                 probe["grad_local"] = {n: p.grad.detach().clone() for n, p in module.model.named_parameters()
                                        if p.grad is not None}
-            sync_fn()
+            sync_fn(params)
             if first:
                 probe["grad"] = {n: p.grad.detach().clone() for n, p in module.model.named_parameters()
                                  if p.grad is not None}
 
-        M.select_mixed_groups, M.grpo_loss, module._sync_grads = keep, loss, sync
+        U.select_mixed_groups, U.grpo_loss, M.sync_grads = keep, loss, sync
     trainer.fit(module, datamodule=dm, ckpt_path=args.get("ckpt_path"))
     if probe:
         torch.save(probe, os.path.join(out, f"probe{trainer.global_rank}.pt"))
@@ -293,33 +295,15 @@ def test_ddp_dynamic_sampling_unequal_groups(dynamic_run, aggregation):
     assert _param_diff(r2, r1) <= 1e-6
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dapo under DDP: module._grpo_step weights rank r by world * kept_groups_r / kept_groups, but dapo's loss "
-    "is a sum over answer tokens / the rank's OWN token count (grpo_loss gets local totals), so the averaged "
-    "gradient is sum_r (n_r/N) grad(S_r)/T_r instead of sum_r grad(S_r)/T; exact only when every rank's token "
-    "share equals its group share. Fix: normalise by the global (rows, tokens), e.g. all-reduce the totals, "
-    "pass them to grpo_loss and scale by world."))
 def test_ddp_dynamic_sampling_dapo_equals_global_batch(dynamic_run):
-    p2, p1, r2, r1 = dynamic_run("dapo")
-    diff, scale = _grad_diff(p2[0]["grad"], p1["grad"])
-    assert diff <= TOL * scale, f"dapo: DDP gradient differs by {diff} (max |g| {scale})"
-
-
-def test_ddp_dapo_mismatch_is_the_token_weighting(dynamic_run):
-    """Why dapo differs, checked on the numbers: ranks' token shares differ from their group shares, and
-    re-weighting each rank's local gradient by its token share (the proposed fix) gives the global one."""
+    """dapo divides by answer tokens, so each rank's loss is weighted by its share of the tokens
+    (rl.update.rank_weight), not of the groups: the DDP gradient then equals the global batch's. The
+    case is one where the two shares differ (a group weighting would be off by about 4% here)."""
     p2, p1, _, _ = dynamic_run("dapo")
-    world = len(p2)
     n = [p["n_kept"] for p in p2]
     tokens = [p["totals"][1] for p in p2]
     assert [t / sum(tokens) for t in tokens] != pytest.approx([k / sum(n) for k in n], abs=1e-3), (
         f"token shares {tokens} equal group shares {n}: this case cannot separate the two weightings")
     assert sum(tokens) == p1["totals"][1], "the 1-process run saw other answers"
-    # local gradient of rank r = w_r * grad(S_r) / T_r with w_r = world * n_r / N; global = sum_r grad(S_r) / T
-    fixed = {}
-    for k in p1["grad"]:
-        fixed[k] = sum(p["grad_local"][k] * (t / (world * m / sum(n))) for p, t, m in zip(p2, tokens, n)) / sum(tokens)
-    diff, scale = _grad_diff(fixed, p1["grad"])
-    assert diff <= TOL * scale, f"token-share re-weighting is off by {diff} (max |g| {scale})"
-    now, _ = _grad_diff(p2[0]["grad"], p1["grad"])
-    assert now > 1e3 * TOL * scale, f"the DDP gradient already equals the global one ({now})"
+    diff, scale = _grad_diff(p2[0]["grad"], p1["grad"])
+    assert diff <= TOL * scale, f"dapo: DDP gradient differs by {diff} (max |g| {scale})"
