@@ -45,3 +45,15 @@ def sync_grads(params: Iterable[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[i:i + g.numel()].view_as(g))
         i += g.numel()
+
+
+def mean_over_ranks(values: dict[str, float], device, summed: tuple[str, ...] = ()) -> dict[str, float]:
+    """Per-rank statistics averaged over ranks (those named in ``summed`` added up instead, e.g. a
+    throughput); unchanged outside a process group. ``device``: where the backend reduces (NCCL: GPU)."""
+    if not is_distributed():
+        return values
+    t = all_sum(torch.tensor(list(values.values()), device=device)) / world_size()
+    out = dict(zip(values, t.tolist()))
+    for k in summed:
+        out[k] *= world_size()
+    return out

@@ -7,12 +7,15 @@ and no Lightning state, so the module's validation / test / predict steps, the p
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .data.layout import Layout, collate_prompts
 from .data.records import Record
+from .metrics import ExactMatchAccuracy, MajorityAtK, PassAtK
 from .model.latent_lm import LatentLM, generate
 from .model.perturb import PerturbConfig, Perturber
 from .rl.rewards import RewardFn, answers_equal, extract_answer
@@ -82,3 +85,35 @@ def prediction_rows(records: list[Record], preds: list[str | None], texts: list[
             row["samples"] = samples[i]
         rows.append(row)
     return rows
+
+
+class EvalMetrics(torch.nn.Module):
+    """Greedy pass@1 (and pass@k / maj@k over k sampled answers when ``k > 1``) of one split, as
+    torchmetrics (a module, so that Lightning moves and syncs their state)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+        self.acc = ExactMatchAccuracy()
+        self.pass_k, self.maj_k = (PassAtK(k), MajorityAtK(k)) if k > 1 else (None, None)
+
+    def update(self, preds: list[str | None], golds: list[str], samples: list[list[str | None]] | None) -> None:
+        self.acc.update(preds, golds)
+        if self.pass_k is not None and samples is not None:
+            self.pass_k.update(torch.tensor([[answers_equal(a, g) for a in s] for s, g in zip(samples, golds)]))
+            self.maj_k.update(samples, golds)
+
+    def compute_and_reset(self, prefix: str, phase: str) -> dict[str, Tensor | float]:
+        """``{prefix}/pass@1``, its per-phase copy, the size n and the standard error (+ pass@k, maj@k)."""
+        value = self.acc.compute()
+        with self.acc.sync_context():
+            n = int(self.acc.n)
+        out = {f"{prefix}/pass@1": value, f"{prefix}/{phase}/pass@1": value, f"{prefix}/n": float(n),
+               f"{prefix}/se": math.sqrt(max(float(value) * (1 - float(value)), 0.0) / max(n, 1))}
+        self.acc.reset()
+        if self.pass_k is not None:
+            out[f"{prefix}/pass@{self.k}"] = self.pass_k.compute()
+            out[f"{prefix}/maj@{self.k}"] = self.maj_k.compute()
+            self.pass_k.reset()
+            self.maj_k.reset()
+        return out

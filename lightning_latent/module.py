@@ -10,45 +10,33 @@ rollout batch (docs/design.md#ddp).
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.layout import IGNORE, CurriculumConfig, Layout, collate_train
-from .data.records import BadRow, Record
+from .data.layout import IGNORE, CurriculumConfig, train_batch
+from .data.records import Record
 from .data.synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
-from .distributed import all_sum, is_distributed, sync_grads, world_size
-from .evaluation import EvalConfig, Evaluator, prediction_rows
+from .distributed import mean_over_ranks
+from .evaluation import EvalConfig, EvalMetrics, Evaluator, prediction_rows
 from .guards import NonFiniteGuard
-from .optim import OptimConfig
-from .metrics import ExactMatchAccuracy, MajorityAtK, PassAtK
-from .model.build import (ModelConfig, build_model, build_tokenizer, init_state_dict, load_weights, read_checkpoint,
-                          tokenizer_from_bytes, tokenizer_to_bytes)
-from .model.latent_lm import LatentLM, max_positions
+from .optim import OptimConfig, guarded_step
+from .model.build import ModelConfig, build_latent_model, tokenizer_to_bytes
 from .model.perturb import PerturbConfig, Perturber
-from .model.trainable import apply_grad_masks, trainable_masks
+from .model.trainable import trainable_masks
 from .rl.reference import Reference
-from .rl.rewards import answers_equal, get_reward
+from .rl.rewards import get_reward
 from .rl.rollout import rollout, rollout_seed, rollout_stats
 from .rl.update import GRPOConfig, grpo_update
-from .schedule import Phase, Segment, flatten, locate
+from .schedule import DataPlan, Phase, Segment, data_plan, flatten, locate, shrink_to_one_step
 
 log = logging.getLogger("lightning_latent")
-
-
-class DataPlan(NamedTuple):
-    """What the datamodule must serve next on this rank."""
-
-    batch_size: int  # records per step
-    steps_left: int  # steps left in the current segment
-    consumed: int  # records this rank has consumed so far (where the stream resumes)
 
 
 def default_schedule() -> list[Phase]:
@@ -133,19 +121,9 @@ class LatentReasoner(L.LightningModule):
                                 {"sft": self.optim_cfg.lr, "grpo": self.optim_cfg.grpo_lr})
         self.total_steps = self.segments[-1].end
 
-        init_sd, tok_bytes = init_state_dict(init_from) if init_from is not None else (None, None)
-        self.tokenizer = tokenizer_from_bytes(tok_bytes) if tok_bytes else build_tokenizer(self.backbone_cfg, synthetic, task)
-        lm, _ = build_model(self.backbone_cfg, self.tokenizer)
-        if init_sd is not None:
-            load_weights(lm, init_sd, init_from)
-        self.layout = Layout(self.tokenizer, self.curriculum, max_length)
-        limit = max_positions(lm)
-        if limit is not None and max_length > limit:
-            raise ValueError(f"max_length={max_length} exceeds the model's {limit} learned positions "
-                             f"(n_positions): set --model.max_length {limit} or less")
-        self.model = LatentLM(lm, self.layout.latent_id, self.layout.start_id, self.layout.end_id,
-                              feedback=self.curriculum.mode != "pause_as_thought",
-                              checkpoint_latents=self.backbone_cfg.checkpoint_latents)
+        self.tokenizer, self.layout, self.model = build_latent_model(self.backbone_cfg, self.curriculum, max_length,
+                                                                     synthetic, task, init_from)
+        lm = self.model.lm
         self.perturber = Perturber(lm, self.perturb_cfg)
         eval_perturber = Perturber(lm, self.eval_cfg.perturb) if self.eval_cfg.perturb is not None else self.perturber
         self.reward_fn = get_reward(self.grpo_cfg.reward)
@@ -155,38 +133,16 @@ class LatentReasoner(L.LightningModule):
         self._reference_state: dict | None = None
         self.step_count = 0  # completed schedule steps (what resume restores)
         self.nonfinite = NonFiniteGuard(self.optim_cfg.max_bad_steps)
-        self.val_acc, self.test_acc = ExactMatchAccuracy(), ExactMatchAccuracy()
-        k = self.eval_cfg.k
-        self.eval_pass, self.eval_maj = (PassAtK(k), MajorityAtK(k)) if k > 1 else (None, None)
+        self.val_metrics, self.test_metrics = EvalMetrics(self.eval_cfg.k), EvalMetrics(self.eval_cfg.k)
         self.automatic_optimization = False
         self._grad_masks: list = []
         self.predictions: list[dict] = []
 
-    @classmethod
-    def from_checkpoint(cls, path: str, **overrides) -> "LatentReasoner":
-        """Rebuild a module from one of our checkpoints (its own settings, its weights, its step); also
-        reads checkpoints written before ``model`` was renamed ``backbone``."""
-        ck = read_checkpoint(path)
-        if "schedule_state" not in ck:
-            raise ValueError(f"{path!r} is not a lightning-latent checkpoint (no schedule_state)")
-        hp = upgrade_hparams({k: v for k, v in ck.get("hyper_parameters", {}).items() if not k.startswith("_")})
-        hp["init_from"] = None
-        hp.update(overrides)
-        module = cls(**hp)
-        module.load_state_dict(ck["state_dict"])
-        module.on_load_checkpoint(ck)
-        return module
-
     # -- where are we ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.fast_dev_run:
-            # One batch of every phase (every segment): shrink each segment to one step and let the
-            # fit loop run one epoch per segment.
-            k = 0
-            for s in self.segments:
-                s.start, s.steps = k, (1 if s.steps > 0 else 0)
-                k += s.steps
-            self.total_steps = k
+            # One batch of every phase (every segment), one fit-loop epoch per segment.
+            self.total_steps = shrink_to_one_step(self.segments)
             self.trainer.fit_loop.max_epochs = len(self.segments)
             self.trainer.fit_loop.epoch_loop.max_steps = -1
         if self.reference is not None:
@@ -197,10 +153,7 @@ class LatentReasoner(L.LightningModule):
         return locate(self.segments, self.step_count)
 
     def data_plan(self) -> DataPlan:
-        seg = self.segment
-        consumed = sum(s.steps * s.batch_size for s in self.segments if s.end <= self.step_count)
-        consumed += (self.step_count - seg.start) * seg.batch_size
-        return DataPlan(seg.batch_size, max(seg.end - self.step_count, 0), consumed)
+        return data_plan(self.segments, self.step_count)
 
     def eval_stage(self) -> tuple[int, bool]:
         """(stage, CoT layout?) at which the model is evaluated now."""
@@ -239,26 +192,19 @@ class LatentReasoner(L.LightningModule):
             self._reference_state = self.reference.state
 
     def _optimizer_step(self, opt, backward, ids: Any) -> tuple[bool, float, Tensor]:
-        """Zero, ``backward()`` (runs the backward passes, returns the loss), mask, sync, clip, step; a
-        non-finite loss or gradient skips the update (counted; too many in a row stop the run)."""
-        opt.zero_grad(set_to_none=True)
-        loss = backward().detach()
-        apply_grad_masks(self._grad_masks)
-        sync_grads(self.model.parameters())
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        gn = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip) if params else torch.zeros(())
-        if self.nonfinite.check(loss, gn):
-            opt.step()
-            return True, float(gn), loss
-        self.log("train/nonfinite_skips", float(self.nonfinite.bad_steps))
-        log.warning("non-finite loss or gradient at step %d (batch %s): update skipped (%d in a row)",
-                    self.step_count, ids, self.nonfinite.bad_steps)
-        opt.zero_grad(set_to_none=True)
-        if self.nonfinite.exhausted:
-            self.trainer.should_stop = True
-            path = self._stop_checkpoint("nonfinite-stop.ckpt")
-            raise RuntimeError(self.nonfinite.message(self.step_count, ids, path))
-        return False, float("nan"), loss
+        """:func:`~.optim.guarded_step`; a skipped (non-finite) update is logged, and too many in a row
+        stop the run with a checkpoint of the last good weights."""
+        ok, gn, loss = guarded_step(opt, list(self.model.parameters()), backward, self._grad_masks,
+                                    self.optim_cfg.grad_clip, self.nonfinite)
+        if not ok:
+            self.log("train/nonfinite_skips", float(self.nonfinite.bad_steps))
+            log.warning("non-finite loss or gradient at step %d (batch %s): update skipped (%d in a row)",
+                        self.step_count, ids, self.nonfinite.bad_steps)
+            if self.nonfinite.exhausted:
+                self.trainer.should_stop = True
+                raise RuntimeError(self.nonfinite.message(self.step_count, ids,
+                                                          self._stop_checkpoint("nonfinite-stop.ckpt")))
+        return ok, gn, loss
 
     def _stop_checkpoint(self, name: str) -> str:
         """Save the state (weights untouched by skipped updates) before a run stops on bad numbers."""
@@ -295,17 +241,12 @@ class LatentReasoner(L.LightningModule):
     def _sft_step(self, records: list[Record], seg: Segment, opt) -> None:
         rng = random.Random(f"{self.seed}/{self.step_count}/{self.global_rank}")
         dm = getattr(self.trainer, "datamodule", None)
-        feats = []
-        for r in records:
-            try:
-                feats.append(self.layout.train_example(r, seg.stage, cot=seg.kind == "cot", rng=rng))
-            except BadRow as err:
-                if dm is not None:
-                    dm.skips.add("layout", err.reason, f"record {r.idx}")
-        if not feats:
-            raise ValueError(f"every record of step {self.step_count} was longer than max_length="
-                             f"{self.layout.max_length}: raise max_length or shorten the data")
-        b = {k: v.to(self.device) for k, v in collate_train(feats, self.layout.pad_id, self.layout.latent_id).items()}
+        skip = None if dm is None else lambda r, err: dm.skips.add("layout", err.reason, f"record {r.idx}")
+        try:
+            b = train_batch(self.layout, records, seg.stage, seg.kind == "cot", rng, skip)
+        except ValueError as err:
+            raise ValueError(f"step {self.step_count}: {err}") from err
+        b = {k: v.to(self.device) for k, v in b.items()}
         self.model.train()
         out = self.model(b["input_ids"], b["attention_mask"], b["position_ids"])
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
@@ -335,11 +276,7 @@ class LatentReasoner(L.LightningModule):
         rb = rollout(self.model, self.perturber, self.layout, records, seg.stage, seeds, k,
                      self.rollout_temperature, cfg.max_new_tokens, self.reward_fn, self.tokenizer)
         t1 = time.perf_counter()
-        stats = rollout_stats(rb, seconds=t1 - t0)
-        if is_distributed():  # average the group statistics over ranks; throughput adds up
-            summed = all_sum(torch.tensor(list(stats.values()), device=self.device)) / world_size()
-            stats = dict(zip(stats, summed.tolist()))
-            stats["perf/rollouts_per_s"] *= world_size()
+        stats = mean_over_ranks(rollout_stats(rb, seconds=t1 - t0), self.device, summed=("perf/rollouts_per_s",))
         self.log_dict(stats)
         self.log("reward", stats["grpo/reward_mean"], prog_bar=True)
         ref = self.reference
@@ -360,48 +297,32 @@ class LatentReasoner(L.LightningModule):
         self.log("perf/rollout_share", (t1 - t0) / max(time.perf_counter() - t0, 1e-9))
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def _eval_batch(self, records: list[Record], acc: ExactMatchAccuracy, prefix: str) -> None:
+    def _eval_batch(self, records: list[Record], metrics: EvalMetrics, prefix: str) -> None:
         stage, cot = self.eval_stage()
         preds, texts = self.evaluator.answer(records, stage, cot)
-        golds = [r.answer for r in records]
-        acc.update(preds, golds)
-        samples = None
-        if self.eval_pass is not None:
-            samples = self.evaluator.sample(records, stage, self.eval_cfg.k)
-            self.eval_pass.update(torch.tensor([[answers_equal(a, g) for a in s] for s, g in zip(samples, golds)]))
-            self.eval_maj.update(samples, golds)
+        samples = self.evaluator.sample(records, stage, self.eval_cfg.k) if self.eval_cfg.k > 1 else None
+        metrics.update(preds, [r.answer for r in records], samples)
         if prefix == "test":
             self.predictions.extend(prediction_rows(records, preds, texts, samples))
 
+    def _log_eval(self, prefix: str, metrics: EvalMetrics) -> None:
+        for name, value in metrics.compute_and_reset(prefix, self.segment.name).items():
+            self.log(name, value, sync_dist=False, prog_bar=name == f"{prefix}/pass@1")
+
     def validation_step(self, batch: list[Record], batch_idx: int) -> None:
-        self._eval_batch(batch, self.val_acc, "val")
+        self._eval_batch(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val", self.val_acc)
+        self._log_eval("val", self.val_metrics)
 
     def test_step(self, batch: list[Record], batch_idx: int) -> None:
-        self._eval_batch(batch, self.test_acc, "test")
+        self._eval_batch(batch, self.test_metrics, "test")
 
     def on_test_epoch_start(self) -> None:
         self.predictions = []
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test", self.test_acc)
-
-    def _log_eval(self, prefix: str, acc: ExactMatchAccuracy) -> None:
-        value = acc.compute()
-        with acc.sync_context():
-            n = int(acc.n)
-        self.log(f"{prefix}/pass@1", value, sync_dist=False, prog_bar=True)
-        self.log(f"{prefix}/{self.segment.name}/pass@1", value, sync_dist=False)
-        self.log(f"{prefix}/n", float(n), sync_dist=False)
-        self.log(f"{prefix}/se", math.sqrt(max(float(value) * (1 - float(value)), 0.0) / max(n, 1)))
-        acc.reset()
-        if self.eval_pass is not None:
-            self.log(f"{prefix}/pass@{self.eval_cfg.k}", self.eval_pass.compute())
-            self.log(f"{prefix}/maj@{self.eval_cfg.k}", self.eval_maj.compute())
-            self.eval_pass.reset()
-            self.eval_maj.reset()
+        self._log_eval("test", self.test_metrics)
 
     def predict_step(self, batch: list[Record], batch_idx: int) -> list[dict]:
         preds, texts = self.evaluator.answer(batch, *self.eval_stage())
@@ -424,9 +345,3 @@ class LatentReasoner(L.LightningModule):
         self._reference_state = checkpoint.get("grpo_reference")
         self.reference = None
 
-
-def upgrade_hparams(hp: dict) -> dict:
-    """Hyperparameters of an older checkpoint -> today's names (``model`` -> ``backbone``)."""
-    if "model" in hp and "backbone" not in hp:
-        hp = {("backbone" if k == "model" else k): v for k, v in hp.items()}
-    return hp

@@ -7,7 +7,7 @@ what makes ``--ckpt_path`` resume at the exact place a run stopped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 PhaseKind = Literal["cot", "coconut", "grpo", "sft"]
 
@@ -96,3 +96,29 @@ def locate(segments: list[Segment], step: int) -> Segment:
         if s.start <= step < s.end:
             return s
     return segments[-1]
+
+
+def shrink_to_one_step(segments: list[Segment]) -> int:
+    """``fast_dev_run``: one step of every segment (restarting the start steps); returns the new total."""
+    k = 0
+    for s in segments:
+        s.start, s.steps = k, (1 if s.steps > 0 else 0)
+        k += s.steps
+    return k
+
+
+class DataPlan(NamedTuple):
+    """What the datamodule must serve next on this rank."""
+
+    batch_size: int  # records per step
+    steps_left: int  # steps left in the current segment
+    consumed: int  # records this rank has consumed so far (where the stream resumes)
+
+
+def data_plan(segments: list[Segment], step: int) -> DataPlan:
+    """The plan at global step ``step``: the segment's batch size and remaining steps, and how many
+    records the segments before it (and this one so far) consumed."""
+    seg = locate(segments, step)
+    consumed = sum(s.steps * s.batch_size for s in segments if s.end <= step)
+    consumed += (step - seg.start) * seg.batch_size
+    return DataPlan(seg.batch_size, max(seg.end - step, 0), consumed)

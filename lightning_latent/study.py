@@ -175,9 +175,9 @@ class Study:
     def run_diversity(self, ckpt: str) -> None:
         from .data.synthetic import synthetic_record
         from .diversity import DiversitySetting, default_settings, measure
-        from .module import LatentReasoner
+        from .checkpoints import load_module
 
-        module = LatentReasoner.from_checkpoint(ckpt)
+        module = load_module(ckpt)
         cfg = module.hparams["synthetic"]
         recs = [synthetic_record(cfg, "validation", i) for i in range(self.budget.diversity_prompts)]
         settings = default_settings() if self.budget.diversity_grid == "full" else [

@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lightning_latent.data.synthetic import SyntheticConfig, synthetic_vocabulary
 from lightning_latent.data.tokenizer import build_word_tokenizer
 from lightning_latent.model.build import ModelConfig
+from lightning_latent.checkpoints import load_module
 from lightning_latent.module import LatentReasoner
 from lightning_latent.schedule import Phase
 
@@ -88,7 +89,7 @@ def test_checkpoint_written_before_the_backbone_rename_loads(tmp_path):
     still rebuilds, starts a new run (init_from) and resumes under the new names (--ckpt_path)."""
     ck = PRE_RENAME / "last.ckpt"
     assert "model" in torch.load(ck, map_location="cpu", weights_only=False)["hyper_parameters"]
-    m = LatentReasoner.from_checkpoint(str(ck))
+    m = load_module(str(ck))
     assert m.backbone_cfg.n_layer == 1 and m.step_count == 3 and m.segment.kind == "grpo"
     fresh = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=128), max_length=128,
                            init_from=str(ck), schedule=[Phase("grpo", steps=1)])

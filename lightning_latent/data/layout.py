@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -165,3 +166,20 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, Tensor]:
     ids = torch.tensor([[pad_id] * (t - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (t - len(p)) + [1] * len(p) for p in prompts])
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def train_batch(layout: Layout, records: list[Record], stage: int, cot: bool, rng: random.Random,
+                skip: Callable[[Record, BadRow], None] | None = None) -> dict[str, Tensor]:
+    """Records -> one collated training batch at ``stage``; a record too long for ``max_length`` is
+    handed to ``skip`` (counted) and left out; raises when none is left."""
+    feats = []
+    for r in records:
+        try:
+            feats.append(layout.train_example(r, stage, cot=cot, rng=rng))
+        except BadRow as err:
+            if skip is not None:
+                skip(r, err)
+    if not feats:
+        raise ValueError(f"every record of the batch was longer than max_length={layout.max_length}: raise "
+                         "max_length or shorten the data")
+    return collate_train(feats, layout.pad_id, layout.latent_id)

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from ..data.layout import add_latent_tokens
+from ..data.layout import CurriculumConfig, Layout, add_latent_tokens
 from ..data.synthetic import SyntheticConfig
 from ..data.tasks import word_vocabulary
 from ..data.tokenizer import build_word_tokenizer
+from .latent_lm import LatentLM, max_positions
 
 log = logging.getLogger("lightning_latent")
 
@@ -163,3 +164,24 @@ def load_weights(lm, sd: dict[str, torch.Tensor], source: str) -> None:
     if missing or unexpected:
         raise ValueError(f"init_from={source!r}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     lm.tie_weights()
+
+
+def build_latent_model(cfg: ModelConfig, curriculum: CurriculumConfig, max_length: int,
+                       synthetic: SyntheticConfig | None = None, task: str | None = None,
+                       init_from: str | None = None) -> tuple[object, Layout, LatentLM]:
+    """(tokenizer, layout, latent LM) of a run: the base LM with the Coconut tokens, ``init_from``'s
+    weights (and tokenizer, when the file carries one) applied, and ``max_length`` checked against the
+    model's learned positions."""
+    init_sd, tok_bytes = init_state_dict(init_from) if init_from is not None else (None, None)
+    tokenizer = tokenizer_from_bytes(tok_bytes) if tok_bytes else build_tokenizer(cfg, synthetic, task)
+    lm, _ = build_model(cfg, tokenizer)
+    if init_sd is not None:
+        load_weights(lm, init_sd, init_from)
+    layout = Layout(tokenizer, curriculum, max_length)
+    limit = max_positions(lm)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_length={max_length} exceeds the model's {limit} learned positions "
+                         f"(n_positions): set --model.max_length {limit} or less")
+    model = LatentLM(lm, layout.latent_id, layout.start_id, layout.end_id,
+                     feedback=curriculum.mode != "pause_as_thought", checkpoint_latents=cfg.checkpoint_latents)
+    return tokenizer, layout, model
