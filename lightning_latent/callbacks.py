@@ -113,7 +113,7 @@ class PhaseSummary(L.Callback):
             bs = dm.eval_batch_size
             for i in range(0, len(recs), bs):
                 chunk = recs[i:i + bs]
-                preds, _ = pl_module.evaluator.answer(chunk, stage_seg.stage, stage_seg.kind == "cot")
+                preds, _ = pl_module.evaluator.answer(chunk, stage_seg.stage, stage_seg.cot_layout)
                 correct += sum(answers_equal(p, r.answer) for p, r in zip(preds, chunk))
                 n += len(chunk)
             t = torch.tensor([float(correct), float(n)], device=pl_module.device)

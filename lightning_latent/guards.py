@@ -29,3 +29,62 @@ class NonFiniteGuard:
     def message(self, step: int, ids, path: str) -> str:
         return (f"{self.bad_steps} non-finite steps in a row (limit optim.max_bad_steps={self.max_bad_steps}) "
                 f"at step {step}, last batch {ids}; the weights are those before them, saved to {path}")
+
+
+class CollapseError(RuntimeError):
+    """A GRPO run stopped by :class:`CollapseGuard` (a sweep records it as a bad trial, not a crash)."""
+
+    def __init__(self, message: str, value: float):
+        super().__init__(message)
+        self.value = value  # the training reward the run collapsed to (0.0 or 1.0)
+
+
+class CollapseGuard:
+    """Stops a GRPO phase whose rollouts no longer carry any learning signal.
+
+    A step is *flat* when every group is zero-variance AND every reward of the step (over all ranks) is
+    the same, all 0 or all 1: the advantage is 0 everywhere and nothing will ever change. After
+    ``patience`` flat steps in a row the guard fires, with one of two messages: the run had mixed
+    groups earlier (it collapsed: typically a learning rate that destroyed the policy in a few updates,
+    or a temperature that makes every answer wrong) or never had one (no signal from the start: the
+    starting model always fails or always succeeds, or the arm does not make rollouts differ). The
+    ``none`` arm's groups are zero-variance by design but its rewards differ between groups, so its
+    steps are not flat and it runs to the end.
+    """
+
+    def __init__(self, patience: int | None, history: int = 10):
+        self.patience = patience
+        self.history_len = history
+        self.flat_steps = 0
+        self.last_mixed: int | None = None  # the last step that had a mixed group
+        self.rewards: list[tuple[int, float]] = []  # (step, mean reward) of the latest steps
+
+    def update(self, step: int, any_mixed: bool, all_zero: bool, all_one: bool, reward_mean: float) -> str | None:
+        """Record one GRPO step (statistics already reduced over ranks); a message when the run must stop."""
+        self.rewards = (self.rewards + [(step, round(reward_mean, 4))])[-self.history_len:]
+        if any_mixed:
+            self.last_mixed = step
+        flat = not any_mixed and (all_zero or all_one)
+        self.flat_steps = self.flat_steps + 1 if flat else 0
+        if self.patience is None or self.flat_steps < self.patience:
+            return None
+        value = "1 (every answer right)" if all_one else "0 (every answer wrong)"
+        if self.last_mixed is not None:
+            return (f"GRPO collapsed at step {step}: for {self.flat_steps} steps in a row every rollout got reward "
+                    f"{value}, so every advantage is 0 and nothing can change; the last mixed group was at step "
+                    f"{self.last_mixed}. Recent (step, mean reward): {self.rewards}. Likely cause: a learning rate "
+                    f"too large for this model (optim.grpo_lr; try a warm-up, optim.grpo_warmup_steps) or an answer "
+                    f"temperature that makes every answer wrong (grpo.answer_temperature)")
+        return (f"GRPO has had no learning signal since its start (step {step}): every group of the last "
+                f"{self.flat_steps} steps was zero-variance with reward {value} and no step ever had a mixed group. "
+                f"Recent (step, mean reward): {self.rewards}. The starting model always fails or always succeeds "
+                f"on these prompts, or the arm does not make the rollouts differ: train the start further, change "
+                f"the task's difficulty, or check perturb.* and grpo.answer_temperature")
+
+    def state_dict(self) -> dict:
+        return {"flat_steps": self.flat_steps, "last_mixed": self.last_mixed, "rewards": list(self.rewards)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flat_steps = int(state.get("flat_steps", 0))
+        self.last_mixed = state.get("last_mixed")
+        self.rewards = [tuple(r) for r in state.get("rewards", [])]

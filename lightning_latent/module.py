@@ -23,16 +23,17 @@ from torch import Tensor
 from .data.layout import IGNORE, CurriculumConfig, train_batch
 from .data.records import Record
 from .data.synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
-from .distributed import mean_over_ranks
+from .distributed import all_sum, mean_over_ranks
 from .evaluation import EvalConfig, EvalMetrics, Evaluator, prediction_rows
-from .guards import NonFiniteGuard
+from .guards import CollapseError, CollapseGuard, NonFiniteGuard
 from .optim import OptimConfig, guarded_step
 from .model.build import ModelConfig, build_latent_model, tokenizer_to_bytes
 from .model.perturb import PerturbConfig, Perturber
 from .model.trainable import trainable_masks
 from .rl.reference import Reference
 from .rl.rewards import get_reward
-from .rl.rollout import rollout, rollout_seed, rollout_stats
+from .rl.grpo import zero_std_groups
+from .rl.rollout import RolloutBatch, rollout, rollout_seed, rollout_stats
 from .rl.update import GRPOConfig, grpo_update
 from .schedule import DataPlan, Phase, Segment, data_plan, flatten, locate, shrink_to_one_step
 
@@ -133,6 +134,7 @@ class LatentReasoner(L.LightningModule):
         self._reference_state: dict | None = None
         self.step_count = 0  # completed schedule steps (what resume restores)
         self.nonfinite = NonFiniteGuard(self.optim_cfg.max_bad_steps)
+        self.collapse = CollapseGuard(self.grpo_cfg.collapse_patience)
         self.val_metrics, self.test_metrics = EvalMetrics(self.eval_cfg.k), EvalMetrics(self.eval_cfg.k)
         self.automatic_optimization = False
         self._grad_masks: list = []
@@ -158,7 +160,7 @@ class LatentReasoner(L.LightningModule):
     def eval_stage(self) -> tuple[int, bool]:
         """(stage, CoT layout?) at which the model is evaluated now."""
         seg = self.segment
-        return seg.stage, seg.kind == "cot"
+        return seg.stage, seg.cot_layout
 
     def on_train_start(self) -> None:
         if self.step_count >= self.total_steps:
@@ -177,8 +179,10 @@ class LatentReasoner(L.LightningModule):
     def _enter_segment(self, seg: Segment, opt) -> None:
         """Set lr / weight decay / trainable params for the segment; reset the optimiser at its start."""
         is_grpo = seg.kind == "grpo"
+        warmup = self.optim_cfg.grpo_warmup_steps if is_grpo else 0
+        lr = seg.lr * min(1.0, (self.step_count - seg.start + 1) / warmup) if warmup > 0 else seg.lr
         for group in opt.param_groups:
-            group["lr"] = seg.lr
+            group["lr"] = lr
             group["weight_decay"] = self.optim_cfg.grpo_weight_decay if is_grpo else self.optim_cfg.weight_decay
         self._grad_masks = trainable_masks(self.model, self.grpo_cfg.trainable if is_grpo else None)
         # Base dropout is for supervised phases only; rollouts and replays must be deterministic.
@@ -243,7 +247,7 @@ class LatentReasoner(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         skip = None if dm is None else lambda r, err: dm.skips.add("layout", err.reason, f"record {r.idx}")
         try:
-            b = train_batch(self.layout, records, seg.stage, seg.kind == "cot", rng, skip)
+            b = train_batch(self.layout, records, seg.stage, seg.cot_layout, rng, skip)
         except ValueError as err:
             raise ValueError(f"step {self.step_count}: {err}") from err
         b = {k: v.to(self.device) for k, v in b.items()}
@@ -274,11 +278,12 @@ class LatentReasoner(L.LightningModule):
         seeds = torch.tensor([rollout_seed(self.seed, self.step_count, r.idx, j) for r in records for j in range(k)],
                              dtype=torch.long)
         rb = rollout(self.model, self.perturber, self.layout, records, seg.stage, seeds, k,
-                     self.rollout_temperature, cfg.max_new_tokens, self.reward_fn, self.tokenizer)
+                     self.rollout_temperature, cfg.max_new_tokens, self.reward_fn, self.tokenizer, seg.cot_layout)
         t1 = time.perf_counter()
         stats = mean_over_ranks(rollout_stats(rb, seconds=t1 - t0), self.device, summed=("perf/rollouts_per_s",))
         self.log_dict(stats)
         self.log("reward", stats["grpo/reward_mean"], prog_bar=True)
+        self._check_rollouts(rb, stats)
         ref = self.reference
         result = grpo_update(
             self.model, self.perturber, rb, cfg, self.rollout_temperature,
@@ -295,6 +300,24 @@ class LatentReasoner(L.LightningModule):
             self.log("grpo/grad_norm", result.grad_norm)
         self.log("train/loss", result.loss, prog_bar=True)
         self.log("perf/rollout_share", (t1 - t0) / max(time.perf_counter() - t0, 1e-9))
+
+    def _check_rollouts(self, rb: RolloutBatch, stats: dict[str, float]) -> None:
+        """Warn when most answers are cut off at max_new_tokens; stop a run whose rewards carry no signal
+        (:class:`~.guards.CollapseGuard`), with a checkpoint, deciding on all ranks together."""
+        cfg = self.grpo_cfg
+        if stats.get("grpo/truncated_frac", 0.0) > cfg.truncation_warn:
+            log.warning("step %d: %.0f%% of the rollouts hit grpo.max_new_tokens=%d before their end (reward "
+                        "usually 0): raise grpo.max_new_tokens", self.step_count,
+                        100 * stats["grpo/truncated_frac"], cfg.max_new_tokens)
+        r = rb.rewards
+        counts = all_sum(torch.tensor([float((~zero_std_groups(r)).sum()), float((r != 0).sum()),
+                                       float((r != 1).sum())], device=self.device))
+        msg = self.collapse.update(self.step_count, bool(counts[0] > 0), bool(counts[1] == 0), bool(counts[2] == 0),
+                                   stats["grpo/reward_mean"])
+        if msg is not None:
+            self.trainer.should_stop = True
+            path = self._stop_checkpoint("collapse-stop.ckpt")
+            raise CollapseError(f"{msg}; checkpoint: {path}", value=float(counts[2] == 0))
 
     # -- evaluation -------------------------------------------------------------------------------------
     def _eval_batch(self, records: list[Record], metrics: EvalMetrics, prefix: str) -> None:
@@ -336,6 +359,7 @@ class LatentReasoner(L.LightningModule):
                                         "stage": seg.stage, "step_in_stage": self.step_count - seg.start}
         if self._reference_state is not None:
             checkpoint["grpo_reference"] = self._reference_state
+        checkpoint["collapse_guard"] = self.collapse.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         st = checkpoint.get("schedule_state")
@@ -344,4 +368,5 @@ class LatentReasoner(L.LightningModule):
         self.step_count = int(st["step_count"])
         self._reference_state = checkpoint.get("grpo_reference")
         self.reference = None
+        self.collapse.load_state_dict(checkpoint.get("collapse_guard", {}))
 

@@ -19,6 +19,9 @@ class OptimConfig:
 
     lr: float = 1e-3  # supervised phases
     grpo_lr: float = 1e-4
+    # Linear warm-up of the learning rate over the first steps of each GRPO phase (0: none). The optimiser
+    # is reset at every phase, so Adam's first step moves every weight by about lr: a warm-up softens it.
+    grpo_warmup_steps: int = 0
     weight_decay: float = 0.01
     grpo_weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

@@ -55,6 +55,12 @@ class Segment:
     def end(self) -> int:
         return self.start + self.steps
 
+    @property
+    def cot_layout(self) -> bool:
+        """Whether prompts and examples use the CoT phase's layout (no latent markers): the CoT phase,
+        and GRPO / supervised phases at stage 0 (GRPO on a CoT model, the ``cot_grpo`` arm)."""
+        return self.kind == "cot" or (self.stage == 0 and self.kind in ("grpo", "sft"))
+
 
 def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str, int], default_lr: dict[str, float]
             ) -> list[Segment]:

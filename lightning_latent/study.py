@@ -24,12 +24,13 @@ from pathlib import Path
 
 from .answers import answers_equal
 from .metrics import majority_vote, mean_and_ci95, pass_at_k
+from .model.arms import get_arm, study_arms
 from .processes import REPO_ROOT, RUN_SCRIPT, run_process
 from .reporting import markdown_table, scalars, write_csv
 
 log = logging.getLogger("lightning_latent.study")
 
-ARMS = ("none", "temperature", "dropout_per_step", "gaussian", "dropout_shared", "sft_continue")
+ARMS = study_arms()  # the arm registry (model/arms.py), in its order
 CONFIGS = REPO_ROOT / "experiments" / "configs" / "synthetic"
 
 @dataclass
@@ -128,9 +129,11 @@ class Study:
                 "--trainer.val_check_interval", str(b.val_interval),
                 "--checkpoint.monitor", "val/pass@1", "--checkpoint.mode", "max", "--checkpoint.save_top_k", "1",
                 "--checkpoint.every_n_train_steps", "null", "--checkpoint.filename", "best"]
-        kind = "sft" if arm == "sft_continue" else "grpo"
-        extra = {"batch_size": 16, "lr": 1.0e-4} if kind == "sft" else {}
-        sched = [{"kind": kind, "steps": b.grpo_steps, "name": arm, **extra}]
+        spec = get_arm(arm)
+        extra = {"batch_size": 16, "lr": 1.0e-4} if spec.phase == "sft" else {}
+        if spec.start == "cot":  # the CoT model, at stage 0 with the CoT prompt layout
+            extra["stages"] = [0]
+        sched = [{"kind": spec.phase, "steps": b.grpo_steps, "name": arm, **extra}]
         args += ["--model.schedule", json.dumps(sched)]
         t = time.perf_counter()
         vdir = self._run(args, arm, f"seed{seed}", cell)
@@ -168,7 +171,8 @@ class Study:
             start = self.coconut(s)
             self.evaluate(s, "coconut", start, None)
             for arm in self.arms:
-                tr = self.train_arm(s, arm, start)
+                arm_start = str(Path(start).with_name("phase-cot.ckpt")) if get_arm(arm).start == "cot" else start
+                tr = self.train_arm(s, arm, arm_start)
                 self.evaluate(s, arm, tr["ckpt"], arm)
         self.report()
 

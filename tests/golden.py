@@ -100,7 +100,7 @@ def differences(a: dict, b: dict) -> list[str]:
                 if k in gb and not torch.equal(ga[k], gb[k]):
                     out.append(f"{name}: step {i} grad {k} max diff {(ga[k] - gb[k]).abs().max().item():.3g}")
         for i, (ma, mb) in enumerate(zip(ra["metrics"], rb["metrics"])):
-            for k in sorted(set(ma) | set(mb)):
+            for k in sorted(ma):  # metrics logged since the recording (new diagnostics) are not compared
                 va, vb = ma.get(k), mb.get(k)
                 if va != vb and not (va != va and vb != vb):  # NaN == NaN here
                     out.append(f"{name}: step {i} metric {k}: {va} vs {vb}")

@@ -33,6 +33,8 @@ class Arm:
     thought: a function applied to every fed-back thought (e.g. Gaussian noise); None: none.
     greedy_answers: rollout answers decoded greedily whatever ``grpo.answer_temperature`` says.
     phase: the schedule phase the arm trains with: ``grpo``, or ``sft`` (a supervised control).
+    start: the checkpoint the study starts it from and the stage it trains at: ``latent`` (the trained
+        Coconut model, fully latent stage) or ``cot`` (the CoT model at stage 0, CoT prompt layout).
     in_study: part of ``experiments/ablate.py``'s default arms.
     help: one line for tables and ``--help``.
     """
@@ -43,6 +45,7 @@ class Arm:
     thought: ThoughtFn | None = None
     greedy_answers: bool = False
     phase: Literal["grpo", "sft"] = "grpo"
+    start: Literal["latent", "cot"] = "latent"
     in_study: bool = True
     help: str = ""
 
@@ -98,3 +101,5 @@ register_arm(Arm("dropout_shared", dropout=True,
                  help="the method: one dropout mask per rollout, frozen across every latent step"))
 register_arm(Arm("sft_continue", phase="sft",
                  help="control: the same number of supervised latent steps, no RL"))
+register_arm(Arm("cot_grpo", start="cot",
+                 help="reference: GRPO with sampled answers on the explicit-CoT model, CoT prompts, no latent thoughts"))

@@ -40,6 +40,7 @@ class RolloutBatch:
     answers: list[str | None]  # extracted per row
     golds: list[str]  # per prompt
     final_thought: Tensor | None  # [N, D]
+    truncated: Tensor | None = None  # [N] bool: the answer hit max_new_tokens without its EOS
 
     @property
     def group_size(self) -> int:
@@ -51,7 +52,7 @@ class RolloutBatch:
         sl = lambda t: None if t is None else t[start:stop]  # noqa: E731
         return RolloutBatch(sl(self.prompt_ids), sl(self.prompt_mask), sl(self.seeds), sl(self.tokens),
                             sl(self.logprobs), sl(self.mask), self.rewards, self.answers[start:stop], self.golds,
-                            sl(self.final_thought))
+                            sl(self.final_thought), sl(self.truncated))
 
     def select_groups(self, keep: Tensor) -> "RolloutBatch":
         """The rollouts of the groups where ``keep`` [B] is True (dynamic sampling)."""
@@ -62,7 +63,7 @@ class RolloutBatch:
         return RolloutBatch(
             sel(self.prompt_ids), sel(self.prompt_mask), sel(self.seeds), sel(self.tokens), sel(self.logprobs),
             sel(self.mask), self.rewards[keep], [self.answers[i] for i in idx.tolist()],
-            [g for g, kp in zip(self.golds, keep.tolist()) if kp], sel(self.final_thought),
+            [g for g, kp in zip(self.golds, keep.tolist()) if kp], sel(self.final_thought), sel(self.truncated),
         )
 
 
@@ -79,10 +80,12 @@ def rollout(
     max_new_tokens: int,
     reward_fn: RewardFn,
     tokenizer,
+    cot: bool = False,
 ) -> RolloutBatch:
-    """B records -> B*K rollouts with per-row perturbations, in one batch."""
+    """B records -> B*K rollouts with per-row perturbations, in one batch. ``cot``: the prompt layout of
+    the CoT phase (no latent markers), for GRPO on a CoT model."""
     k = group_size
-    prompts = [layout.prompt(r, stage) for r in records for _ in range(k)]
+    prompts = [layout.prompt(r, stage, cot) for r in records for _ in range(k)]
     pb = collate_prompts(prompts, layout.pad_id)
     dev = next(model.parameters()).device
     ids, am = pb["input_ids"].to(dev), pb["attention_mask"].to(dev)
@@ -95,8 +98,11 @@ def rollout(
     texts = tokenizer.batch_decode([t[: int(m.sum())] for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())])
     golds = [r.answer for r in records]
     rewards = reward_fn(texts, [g for g in golds for _ in range(k)]).view(len(records), k)
+    lengths = gen.mask.sum(1)
+    last = gen.tokens.gather(1, (lengths - 1).clamp(min=0).long()[:, None])[:, 0]
+    truncated = (lengths >= max_new_tokens) & (last != layout.eos_id)
     return RolloutBatch(ids, am, seeds, gen.tokens, gen.logprobs, gen.mask, rewards,
-                        [extract_answer(t) for t in texts], golds, gen.final_thought)
+                        [extract_answer(t) for t in texts], golds, gen.final_thought, truncated)
 
 
 def replay_logprobs(
@@ -138,5 +144,7 @@ def rollout_stats(rb: RolloutBatch, seconds: float) -> dict[str, float]:
         th = rb.final_thought.float().view(-1, k, rb.final_thought.shape[-1])
         d = torch.cdist(th, th)
         vals["grpo/thought_diversity"] = float(d.sum() / (th.shape[0] * k * (k - 1)))
+    if rb.truncated is not None:
+        vals["grpo/truncated_frac"] = float(rb.truncated.float().mean())
     vals["perf/rollouts_per_s"] = rb.tokens.shape[0] / max(seconds, 1e-9)
     return vals

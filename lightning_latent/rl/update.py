@@ -33,11 +33,15 @@ class GRPOConfig:
     answer_temperature: float = 1.0
     max_new_tokens: int = 16
     advantage: Literal["mean", "std", "none"] = "mean"
+    # with advantage=std: the group's population std (ours) or its sample std (TRL's scale_rewards="group")
+    advantage_std: Literal["population", "sample"] = "population"
     epsilon: float = 0.2
     epsilon_high: float | None = None
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     beta: float = 0.0
     kl_clamp: float = 10.0
+    # TRL's use_bias_correction_kl: weight the k3 term by the (differentiable) importance ratio
+    kl_importance_ratio: bool = False
     reference_perturbed: bool = True
     mu: int = 1
     dynamic_sampling: bool = False
@@ -49,6 +53,11 @@ class GRPOConfig:
     # Rows (rollouts) per backward in the update: None = the whole batch at once. Smaller values bound
     # the replay's activation memory; the gradient is the whole batch's (the losses use its denominators).
     micro_batch_rows: int | None = None
+    # Collapse guard (guards.py): stop after this many consecutive steps whose groups all carry no signal
+    # (every reward 0, or every reward 1) once the run has had mixed groups. None: never stop.
+    collapse_patience: int | None = 20
+    # Warn when more than this share of a step's rollouts hit max_new_tokens (their reward is usually 0).
+    truncation_warn: float = 0.5
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -65,6 +74,10 @@ class GRPOConfig:
             raise ValueError(f"grpo.max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.advantage not in ("mean", "std", "none"):
             raise ValueError(f"grpo.advantage={self.advantage!r} must be mean, std or none")
+        if self.advantage_std not in ("population", "sample"):
+            raise ValueError(f"grpo.advantage_std={self.advantage_std!r} must be population or sample")
+        if self.collapse_patience is not None and self.collapse_patience < 1:
+            raise ValueError(f"grpo.collapse_patience={self.collapse_patience} must be >= 1 (or null: off)")
         if self.aggregation not in ("grpo", "dr_grpo", "dapo"):
             raise ValueError(f"grpo.aggregation={self.aggregation!r} must be grpo, dr_grpo or dapo")
         if self.trainable not in (None, "value"):
@@ -134,7 +147,8 @@ def backward_micro_batches(
         lp, en = replay_logprobs(model, perturber, batch.rows(a, b), temperature, with_entropy=with_entropy)
         part, _ = grpo_loss(lp, batch.logprobs[a:b], advantages[a:b], mask[a:b],
                             None if ref_logp is None else ref_logp[a:b], cfg.beta, cfg.epsilon, cfg.epsilon_high,
-                            cfg.aggregation, max_tokens=cfg.max_new_tokens, kl_clamp=cfg.kl_clamp, totals=totals)
+                            cfg.aggregation, max_tokens=cfg.max_new_tokens, kl_clamp=cfg.kl_clamp, totals=totals,
+                            kl_importance_ratio=cfg.kl_importance_ratio)
         backward(part * scale)
         total = total + part.detach() * scale
         logps.append(lp.detach())
@@ -149,7 +163,8 @@ def first_iteration_stats(logp: Tensor, ent: Tensor, batch: RolloutBatch, advant
     float error when masks replay exactly), the entropy, and the loss's own statistics."""
     mask = batch.mask.float()
     _, st = grpo_loss(logp, batch.logprobs, advantages, mask, ref_logp, cfg.beta, cfg.epsilon, cfg.epsilon_high,
-                      cfg.aggregation, max_tokens=cfg.max_new_tokens, kl_clamp=cfg.kl_clamp)
+                      cfg.aggregation, max_tokens=cfg.max_new_tokens, kl_clamp=cfg.kl_clamp,
+                      kl_importance_ratio=cfg.kl_importance_ratio)
     gap = ((logp - batch.logprobs).abs() * mask).max() if mask.sum() > 0 else torch.zeros(())
     out = {"replay_gap": gap, "entropy": (ent * mask).sum() / mask.sum().clamp(min=1)}
     for name in ("kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "pg_loss", "kl_clamped"):
@@ -183,7 +198,7 @@ def grpo_update(
         return result
     # A rank that kept nothing still runs the backward (on one group, weight 0): the collectives match.
     sub = batch.select_groups(keep) if n_local > 0 else batch.select_groups(torch.arange(len(keep)) == 0)
-    adv = group_advantages(sub.rewards, cfg.advantage).flatten().to(device)
+    adv = group_advantages(sub.rewards, cfg.advantage, std_kind=cfg.advantage_std).flatten().to(device)
     scale = rank_weight(cfg, n_local, n_global, float(sub.mask.float().sum()), device)
     ref_logp = None
     if cfg.beta > 0 and reference is not None:

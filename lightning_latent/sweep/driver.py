@@ -35,7 +35,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .report import PRUNED_KEY, LOG_DIR_KEY
+from .report import COLLAPSED_KEY, LOG_DIR_KEY, PRUNED_KEY
 from ..processes import error_from_log, run_process, shell_line
 from ..reporting import markdown_table, write_csv
 from .runner import Launch, command, fit_args, trial_env, trial_version
@@ -229,6 +229,14 @@ class Worker:
         trial.set_user_attr("returncode", rc)
         trial.set_user_attr("seconds", round(time.time() - t0, 2))
         ft = self.storage.get_trial(trial._trial_id)
+        collapsed = ft.system_attrs.get(COLLAPSED_KEY)
+        if rc != 0 and collapsed is not None:  # stopped by the collapse guard: a bad trial with its value
+            trial.set_user_attr("collapsed", collapsed["message"])
+            trial.set_user_attr("last_step", collapsed["step"])
+            self.study.tell(trial, collapsed["value"])
+            log.warning("trial %d COLLAPSED at step %d (value %.3f); log: %s", number, collapsed["step"],
+                        collapsed["value"], log_path)
+            return TrialState.COMPLETE
         if rc != 0:
             err = error_from_log(log_path) or f"exit status {rc}"
             trial.set_user_attr("error", err)

@@ -21,6 +21,8 @@ import os
 import lightning as L
 import optuna
 
+from ..guards import CollapseError
+
 log = logging.getLogger("lightning_latent.sweep")
 
 ENV_STORAGE = "LL_OPTUNA_STORAGE"
@@ -29,6 +31,7 @@ ENV_TRIAL = "LL_OPTUNA_TRIAL"  # the trial number
 ENV_METRIC = "LL_OPTUNA_METRIC"
 ENV_PRUNER = "LL_OPTUNA_PRUNER"  # JSON of the sweep's pruner spec ({"type": "median", ...})
 PRUNED_KEY = "ll:pruned"  # trial system attr: {"step": N, "value": v}
+COLLAPSED_KEY = "ll:collapsed"  # trial system attr: {"step": N, "value": v, "message": ...} (guards.CollapseGuard)
 LOG_DIR_KEY = "ll:log_dir"
 
 
@@ -91,6 +94,15 @@ class SweepReporter(L.Callback):
         if prune:
             self.pruned_at = step
             trainer.should_stop = True
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A run stopped by the collapse guard is a bad trial, not a crash: leave its value (the training
+        reward it collapsed to) in the storage, so that the driver tells it and the sampler learns."""
+        if isinstance(exception, CollapseError) and trainer.is_global_zero:
+            trial = self._open()
+            step = int(getattr(pl_module, "step_count", trainer.global_step))
+            trial.storage.set_trial_system_attr(trial._trial_id, COLLAPSED_KEY, {
+                "step": step, "value": exception.value, "message": str(exception)[:2000]})
 
 
 def callbacks_from_env(environ=None) -> list[L.Callback]:
