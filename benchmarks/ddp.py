@@ -92,7 +92,8 @@ def worker(rank: int, world: int, cfg: dict, port: int, out_dir: str) -> None:
             with autocast(cfg["dtype"]):
                 backward_micro_batches(model, pert, rb, adv, None, GRPOConfig(max_new_tokens=cfg["max_new"]), 1.0,
                                        1.0, torch.Tensor.backward)
-            sync_grads(model.parameters())  # equal shares: the rank average is the global-batch gradient
+            if self.n_ranks > 1:  # equal shares: the rank average is the global-batch gradient
+                sync_grads(model.parameters())
             self.opt.step()
 
         def params(self) -> torch.Tensor:
