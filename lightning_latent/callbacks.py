@@ -12,9 +12,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
-from .answers import answers_equal
+from .evaluation import count_correct
 from .metrics import binomial_ci95
 
 log = logging.getLogger("lightning_latent")
@@ -109,17 +108,8 @@ class PhaseSummary(L.Callback):
             recs = dm.eval_records(split)
             if trainer.fast_dev_run:  # one batch of everything, evaluation included
                 recs = recs[: dm.eval_batch_size]
-            correct = n = 0
-            bs = dm.eval_batch_size
-            for i in range(0, len(recs), bs):
-                chunk = recs[i:i + bs]
-                preds, _ = pl_module.evaluator.answer(chunk, stage_seg.stage, stage_seg.cot_layout)
-                correct += sum(answers_equal(p, r.answer) for p, r in zip(preds, chunk))
-                n += len(chunk)
-            t = torch.tensor([float(correct), float(n)], device=pl_module.device)
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(t)
-            correct, n = int(t[0]), int(t[1])
+            correct, n = count_correct(pl_module.evaluator, recs, stage_seg.stage, stage_seg.cot_layout,
+                                       dm.eval_batch_size, pl_module.device)
             p = correct / max(n, 1)
             key = "val" if split == "validation" else split
             row[f"{key}_pass@1"] = p
@@ -146,6 +136,10 @@ class PhaseSummary(L.Callback):
                    "steps": pl_module.step_count, "skipped_rows": trainer.datamodule.skip_report()
                    if trainer.datamodule is not None else {}}
         summary["checks"] = phase_checks(self.rows)
+        if getattr(pl_module, "plateau_history", None):  # the plateau rule's evaluations: the learning curves
+            summary["plateau"] = pl_module.plateau_history
+            summary["segment_steps"] = [{"phase": s.name, "stage": s.stage, "steps": s.steps}
+                                        for s in pl_module.segments]
         path = Path(log_dir) / "summary.json"
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -18,6 +18,7 @@ from .data.records import Record
 from .metrics import ExactMatchAccuracy, MajorityAtK, PassAtK
 from .model.latent_lm import LatentLM, generate
 from .model.perturb import PerturbConfig, Perturber
+from .distributed import all_sum
 from .rl.rewards import RewardFn, answers_equal, extract_answer
 from .rl.rollout import rollout, rollout_seed
 
@@ -70,6 +71,20 @@ class Evaluator:
         rb = rollout(self.model, self.perturber, self.layout, records, stage, seeds, k, self.cfg.temperature,
                      self.cfg.max_new_tokens, self.reward_fn, self.tokenizer)
         return [rb.answers[i * k:(i + 1) * k] for i in range(len(records))]
+
+
+def count_correct(evaluator: Evaluator, records: list[Record], stage: int, cot: bool, batch_size: int,
+                  device) -> tuple[int, int]:
+    """(correct, n) of greedy answers over ``records`` in batches, summed over ranks (each rank holds
+    its own share of the split)."""
+    correct = n = 0
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        preds, _ = evaluator.answer(chunk, stage, cot)
+        correct += sum(answers_equal(p, r.answer) for p, r in zip(preds, chunk))
+        n += len(chunk)
+    t = all_sum(torch.tensor([float(correct), float(n)], device=device))
+    return int(t[0]), int(t[1])
 
 
 def prediction_rows(records: list[Record], preds: list[str | None], texts: list[str],

@@ -24,7 +24,7 @@ from .data.layout import IGNORE, CurriculumConfig, train_batch
 from .data.records import Record
 from .data.synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
 from .distributed import all_sum, mean_over_ranks
-from .evaluation import EvalConfig, EvalMetrics, Evaluator, prediction_rows
+from .evaluation import EvalConfig, EvalMetrics, Evaluator, count_correct, prediction_rows
 from .guards import CollapseError, CollapseGuard, NonFiniteGuard
 from .optim import OptimConfig, guarded_step
 from .model.build import ModelConfig, build_latent_model, tokenizer_to_bytes
@@ -35,7 +35,8 @@ from .rl.rewards import get_reward
 from .rl.grpo import zero_std_groups
 from .rl.rollout import RolloutBatch, rollout, rollout_seed, rollout_stats
 from .rl.update import GRPOConfig, grpo_update
-from .schedule import DataPlan, Phase, Segment, data_plan, flatten, locate, shrink_to_one_step
+from .schedule import (DataPlan, Phase, PlateauRule, PlateauTracker, Segment, data_plan, flatten, locate, set_lengths,
+                       shrink_to_one_step)
 
 log = logging.getLogger("lightning_latent")
 
@@ -59,7 +60,8 @@ def _coerce(cls, value):
 # ``weights_only=True`` by default (so does ``--ckpt_path``), which refuses any class not allow-listed.
 # Checkpoints written before the configs moved out of this file name them ``lightning_latent.module.*``.
 torch.serialization.add_safe_globals(
-    [ModelConfig, CurriculumConfig, Phase, PerturbConfig, GRPOConfig, OptimConfig, EvalConfig, SyntheticConfig,
+    [ModelConfig, CurriculumConfig, Phase, PlateauRule, PerturbConfig, GRPOConfig, OptimConfig, EvalConfig,
+     SyntheticConfig,
      *((cls, f"{__name__}.{cls.__name__}") for cls in (GRPOConfig, OptimConfig, EvalConfig))]
 )
 
@@ -135,6 +137,9 @@ class LatentReasoner(L.LightningModule):
         self.step_count = 0  # completed schedule steps (what resume restores)
         self.nonfinite = NonFiniteGuard(self.optim_cfg.max_bad_steps)
         self.collapse = CollapseGuard(self.grpo_cfg.collapse_patience)
+        self.plateau: tuple[int, PlateauTracker] | None = None  # (segment index, its tracker)
+        self.plateau_history: list[dict] = []  # every plateau evaluation: the learning curves
+        self._end_epoch = False
         self.val_metrics, self.test_metrics = EvalMetrics(self.eval_cfg.k), EvalMetrics(self.eval_cfg.k)
         self.automatic_optimization = False
         self._grad_masks: list = []
@@ -230,11 +235,46 @@ class LatentReasoner(L.LightningModule):
         self._enter_segment(seg, opt)
         (self._grpo_step if seg.kind == "grpo" else self._sft_step)(batch, seg, opt)
         self.step_count += 1
+        self._plateau_check(seg)
         self.log("train/stage", float(seg.stage))
         self.log("train/phase_index", float(seg.phase_index))
         if self.step_count >= self.total_steps:
             self.trainer.should_stop = True
         return None
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
+        # -1 ends Lightning's epoch: a segment ended early by its plateau rule; the next epoch's loader
+        # serves the next segment (data_plan).
+        return -1 if self._end_epoch else None
+
+    def on_train_epoch_start(self) -> None:
+        self._end_epoch = False
+
+    def _plateau_check(self, seg: Segment) -> None:
+        """Every ``plateau.every`` steps of a segment with a plateau rule: greedy validation pass@1; end the
+        segment here when it has stopped improving (schedule.PlateauRule)."""
+        rule, done = seg.plateau, self.step_count - seg.start
+        dm = getattr(self.trainer, "datamodule", None)
+        if rule is None or dm is None or self.trainer.fast_dev_run or done % rule.every or self.step_count >= seg.end:
+            return
+        index = self.segments.index(seg)
+        if self.plateau is None or self.plateau[0] != index:
+            self.plateau = (index, PlateauTracker(rule))
+        correct, n = count_correct(self.evaluator, dm.eval_records("validation"), seg.stage, seg.cot_layout,
+                                   dm.eval_batch_size, self.device)
+        value = correct / max(n, 1)
+        self.plateau_history.append({"phase": seg.name, "stage": seg.stage, "step": self.step_count,
+                                     "steps_in_stage": done, "val_pass@1": value, "val_n": n})
+        self.log(f"plateau/{seg.name}/stage{seg.stage}/val_pass@1", value)
+        if self.plateau[1].update(value, done):
+            cap = seg.steps
+            lengths = [s.steps for s in self.segments]
+            lengths[index] = done
+            self.total_steps = set_lengths(self.segments, lengths)
+            self._end_epoch = True
+            log.info("%s stage %d: validation pass@1 has not gained %.3f in %d evaluations (best %.3f): the stage "
+                     "ends after %d of at most %d steps", seg.name, seg.stage, rule.min_gain, rule.patience,
+                     self.plateau[1].best, done, cap)
 
     def _no_ddp_sync(self) -> None:
         # Lightning calls training_step through the DDP wrapper; gradients are synced by sync_grads.
@@ -360,6 +400,10 @@ class LatentReasoner(L.LightningModule):
         if self._reference_state is not None:
             checkpoint["grpo_reference"] = self._reference_state
         checkpoint["collapse_guard"] = self.collapse.state_dict()
+        checkpoint["schedule_state"]["segment_steps"] = [s.steps for s in self.segments]
+        checkpoint["schedule_state"]["plateau_history"] = self.plateau_history
+        if self.plateau is not None:
+            checkpoint["schedule_state"]["plateau"] = (self.plateau[0], self.plateau[1].best, self.plateau[1].since_best)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         st = checkpoint.get("schedule_state")
@@ -369,4 +413,12 @@ class LatentReasoner(L.LightningModule):
         self._reference_state = checkpoint.get("grpo_reference")
         self.reference = None
         self.collapse.load_state_dict(checkpoint.get("collapse_guard", {}))
+        if "segment_steps" in st and len(st["segment_steps"]) == len(self.segments):  # plateau-shortened stages
+            self.total_steps = set_lengths(self.segments, st["segment_steps"])
+        self.plateau_history = list(st.get("plateau_history", []))
+        if st.get("plateau") is not None:
+            index, best, since = st["plateau"]
+            tracker = PlateauTracker(self.segments[index].plateau)
+            tracker.best, tracker.since_best = best, since
+            self.plateau = (index, tracker)
 

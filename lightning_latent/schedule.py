@@ -13,6 +13,41 @@ PhaseKind = Literal["cot", "coconut", "grpo", "sft"]
 
 
 @dataclass
+class PlateauRule:
+    """Train a segment until validation pass@1 stops improving (the phase's ``steps`` is then the cap).
+
+    Every ``every`` steps the model is evaluated greedily on the validation split; the segment ends when
+    ``patience`` evaluations in a row have not beaten the best so far by at least ``min_gain``
+    (absolute pass@1), but never before ``min_steps``. Each stage of a ``coconut`` phase is judged on
+    its own.
+    """
+
+    every: int = 100
+    patience: int = 3
+    min_gain: float = 0.01
+    min_steps: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.every < 1 or self.patience < 1 or self.min_gain < 0 or self.min_steps < 0:
+            raise ValueError(f"{where}.plateau={self}: every and patience must be >= 1, min_gain and min_steps >= 0")
+
+
+class PlateauTracker:
+    """The plateau rule's state within one segment: the best value and the evaluations since it."""
+
+    def __init__(self, rule: PlateauRule):
+        self.rule, self.best, self.since_best = rule, float("-inf"), 0
+
+    def update(self, value: float, steps_done: int) -> bool:
+        """Record one evaluation; True when the segment should end here."""
+        if value >= self.best + self.rule.min_gain:
+            self.best, self.since_best = value, 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.rule.patience and steps_done >= self.rule.min_steps
+
+
+@dataclass
 class Phase:
     """One phase.
 
@@ -24,6 +59,8 @@ class Phase:
     for grpo / sft the single stage trained (default max_latent_stage + 1).
     batch_size: records per step on each rank (grpo: prompts per step; None: the module default).
     lr: learning rate of this phase (None: the module default for the kind).
+    plateau: end each of the phase's segments early once validation pass@1 stops improving
+        (:class:`PlateauRule`; ``steps`` is then the cap). None: exactly ``steps`` steps.
     """
 
     kind: PhaseKind
@@ -32,6 +69,7 @@ class Phase:
     stages: list[int] | None = None
     batch_size: int | None = None
     lr: float | None = None
+    plateau: PlateauRule | None = None
 
     @property
     def label(self) -> str:
@@ -50,6 +88,7 @@ class Segment:
     lr: float
     first_of_phase: bool = False
     last_of_phase: bool = False
+    plateau: PlateauRule | None = None
 
     @property
     def end(self) -> int:
@@ -88,10 +127,14 @@ def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str,
         for s in stages:
             if s < 0:
                 raise ValueError(f"schedule[{i}].stages contains {s}; stages are >= 0")
+        plateau = PlateauRule(**ph.plateau) if isinstance(ph.plateau, dict) else ph.plateau
+        if plateau is not None:
+            plateau.validate(f"schedule[{i}]")
         group = "grpo" if ph.kind == "grpo" else "sft"
         for j, s in enumerate(stages):
             segs.append(Segment(i, ph.label, ph.kind, s, ph.steps, start, ph.batch_size or default_batch[group],
-                                ph.lr if ph.lr is not None else default_lr[group], j == 0, j == len(stages) - 1))
+                                ph.lr if ph.lr is not None else default_lr[group], j == 0, j == len(stages) - 1,
+                                plateau))
             start += ph.steps
     return segs
 
@@ -106,11 +149,7 @@ def locate(segments: list[Segment], step: int) -> Segment:
 
 def shrink_to_one_step(segments: list[Segment]) -> int:
     """``fast_dev_run``: one step of every segment (restarting the start steps); returns the new total."""
-    k = 0
-    for s in segments:
-        s.start, s.steps = k, (1 if s.steps > 0 else 0)
-        k += s.steps
-    return k
+    return set_lengths(segments, [1 if s.steps > 0 else 0 for s in segments])
 
 
 class DataPlan(NamedTuple):
@@ -128,3 +167,15 @@ def data_plan(segments: list[Segment], step: int) -> DataPlan:
     consumed = sum(s.steps * s.batch_size for s in segments if s.end <= step)
     consumed += (step - seg.start) * seg.batch_size
     return DataPlan(seg.batch_size, max(seg.end - step, 0), consumed)
+
+
+def set_lengths(segments: list[Segment], lengths: list[int]) -> int:
+    """Give the segments these step counts (a segment ended early by its plateau rule, or a resumed run
+    re-applying them) and recompute every start; returns the new total."""
+    if len(lengths) != len(segments):
+        raise ValueError(f"{len(lengths)} segment lengths for a schedule of {len(segments)} segments")
+    k = 0
+    for s, n in zip(segments, lengths):
+        s.start, s.steps = k, int(n)
+        k += s.steps
+    return k

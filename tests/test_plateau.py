@@ -1,0 +1,82 @@
+"""The plateau rule: a segment ends once validation pass@1 stops improving; later segments move up; the
+data stream and a resumed run follow the shortened schedule."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_latent.data.datamodule import LatentDataModule
+from lightning_latent.data.layout import CurriculumConfig
+from lightning_latent.model.build import ModelConfig
+from lightning_latent.module import LatentReasoner
+from lightning_latent.schedule import Phase, PlateauRule, PlateauTracker, flatten
+
+
+def test_tracker_needs_a_gain_within_patience():
+    t = PlateauTracker(PlateauRule(every=10, patience=2, min_gain=0.05))
+    assert not t.update(0.10, 10)      # best 0.10
+    assert not t.update(0.14, 20)      # +0.04 < 0.05: one without a gain
+    assert not t.update(0.20, 30)      # +0.10: new best
+    assert not t.update(0.21, 40)
+    assert t.update(0.22, 50)          # two in a row without a gain of 0.05 over 0.20
+    late = PlateauTracker(PlateauRule(every=10, patience=1, min_gain=0.5, min_steps=100))
+    assert not late.update(0.1, 10) and not late.update(0.1, 20) and late.update(0.1, 100)
+
+
+def test_bad_rule_is_named():
+    with pytest.raises(ValueError, match=r"schedule\[0\].plateau=.*every and patience must be >= 1"):
+        flatten([Phase("cot", steps=10, plateau={"every": 0})], 3, {"sft": 8, "grpo": 2}, {"sft": 1e-3, "grpo": 1e-4})
+
+
+class Trace(L.Callback):
+    def __init__(self):
+        self.steps: list[tuple[int, str, int, list[int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.pending = (pl_module.step_count, pl_module.segment.name, pl_module.segment.stage, [r.idx for r in batch])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.step_count == self.pending[0] + 1:  # trained (a batch past the end is drawn, not trained)
+            self.steps.append(self.pending)
+
+
+def _run(tmp_path, max_steps=None, ckpt=None):
+    L.seed_everything(0, verbose=False)
+    never_better = {"every": 2, "patience": 1, "min_gain": 1.0}  # ends each segment at its 2nd evaluation
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2),
+                       curriculum=CurriculumConfig(c_thought=1, max_latent_stage=2), batch_size=4,
+                       schedule=[Phase("cot", steps=10, plateau=never_better),
+                                 Phase("coconut", steps=6, stages=[1, 2], plateau=never_better)])
+    trace = Trace()
+    cbs = [trace]
+    if max_steps is not None:
+        cbs.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True, every_n_train_steps=1))
+    t = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
+                  check_val_every_n_epoch=None, val_check_interval=1000, num_sanity_val_steps=0, logger=False,
+                  enable_checkpointing=max_steps is not None, enable_progress_bar=False, enable_model_summary=False,
+                  default_root_dir=str(tmp_path), callbacks=cbs, max_steps=max_steps or -1)
+    t.fit(m, datamodule=LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4), ckpt_path=ckpt)
+    return m, trace
+
+
+def test_segments_end_at_the_plateau_and_the_rest_moves_up(tmp_path):
+    m, trace = _run(tmp_path)
+    assert [(s.name, s.stage, s.start, s.steps) for s in m.segments] == [
+        ("cot", 0, 0, 4), ("coconut", 1, 4, 4), ("coconut", 2, 8, 4)]
+    assert m.step_count == m.total_steps == 12
+    assert [(t[0], t[1], t[2]) for t in trace.steps] == [(i, "cot", 0) for i in range(4)] + \
+        [(i, "coconut", 1) for i in range(4, 8)] + [(i, "coconut", 2) for i in range(8, 12)]
+    ids = [i for t in trace.steps for i in t[3]]
+    assert ids == list(range(len(ids)))  # the stream continues where the shortened segment stopped
+    assert [h["steps_in_stage"] for h in m.plateau_history] == [2, 4, 2, 4, 2, 4]
+
+
+def test_a_resumed_run_keeps_the_shortened_schedule(tmp_path):
+    full, full_trace = _run(tmp_path / "full")
+    _run(tmp_path / "a", max_steps=6)  # stopped inside coconut stage 1 (after cot ended early at 4)
+    resumed, trace = _run(tmp_path / "b", ckpt=str(tmp_path / "a" / "last.ckpt"))
+    assert [s.steps for s in resumed.segments] == [s.steps for s in full.segments]
+    assert trace.steps == full_trace.steps[6:]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
