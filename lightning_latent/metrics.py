@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md section 2, "Evaluation", and the reporting protocol).
+"""Evaluation metrics (docs/design.md#evaluation and #protocol).
 
 * :func:`pass_at_k`: the unbiased pass@k estimator of Chen et al. 2021 (Codex paper).
 * :func:`majority_vote`: maj@k by vote over k sampled answers; ties go to the answer seen first.
@@ -76,8 +76,8 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
 
     Answers are compared by a canonical key (:func:`~lightning_latent.answers.answer_key`), so
     ``"28"``, ``"28.0"`` and ``"$28"`` are one candidate; the returned string is that candidate's
-    first occurrence. Ties go to the candidate that appeared FIRST (deterministic, as DESIGN.md
-    requires, and independent of hash order). A missing answer (None) is an abstention, not a vote.
+    first occurrence. Ties go to the candidate that appeared FIRST (deterministic, docs/design.md#evaluation,
+    and independent of hash order). A missing answer (None) is an abstention, not a vote.
     """
     counts: dict[str, int] = {}
     first: dict[str, str] = {}

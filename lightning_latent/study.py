@@ -5,7 +5,7 @@ logging to one TensorBoard root ``OUT/tb``. A cell (a Coconut checkpoint, an arm
 evaluation) writes ``OUT/cells/<cell>.json`` when it finishes; a rerun with the same ``--out`` skips
 finished cells and restarts unfinished ones from scratch.
 
-Protocol (DESIGN.md section 2): each GRPO run keeps its best checkpoint by validation greedy pass@1;
+Protocol (docs/design.md#protocol): each GRPO run keeps its best checkpoint by validation greedy pass@1;
 test numbers (greedy pass@1 with the perturbation off, pass@k and maj@k over k rollouts under ONE
 evaluation sampler shared by all arms) are reported with the evaluation size, 95% intervals over
 seeds, and paired differences on the same test problems.

@@ -1,6 +1,6 @@
 """A record at curriculum stage k -> token ids and labels, and the collators that batch them.
 
-The layout follows the reference Coconut code exactly (DESIGN.md section 2):
+The layout follows the reference Coconut code exactly (docs/design.md#layout):
 
     question \\n <|start-latent|> <|latent|>*(n) <|end-latent|> step_{k+1} \\n ... ### answer <eos>
 

@@ -1,4 +1,4 @@
-"""GRPO objective as pure tensor functions (DESIGN.md section 2, "GRPO loss").
+"""GRPO objective as pure tensor functions (docs/design.md#grpo-loss).
 
 Shapes and layout conventions used throughout:
 
@@ -120,7 +120,7 @@ def select_mixed_groups(rewards: Tensor) -> Tensor:
 
     Zero-variance groups have advantage 0 and contribute only KL to the loss, so DAPO-style dynamic
     sampling drops them. Under DDP the caller must make the keep/drop decision consistent across
-    ranks (DESIGN.md section 5).
+    ranks (docs/design.md#ddp).
     """
     return ~zero_std_groups(rewards)
 

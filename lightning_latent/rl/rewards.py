@@ -1,4 +1,4 @@
-"""Answer extraction and rewards for GRPO (DESIGN.md section 2, "GRPO loss").
+"""Answer extraction and rewards for GRPO (docs/design.md#grpo-loss).
 
 The reward is the exact match of the extracted final answer against the gold answer. GSM8K style
 answers follow a ``####`` marker (the dataset) or a ``###`` marker (the Coconut layout,
