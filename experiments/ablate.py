@@ -13,7 +13,10 @@ from lightning_latent.study import ARMS, BUDGETS, Study
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output folder (reuse it to resume)")
+    ap.add_argument("--out", required=True, help="output folder: tables and plots (reuse it to resume)")
+    ap.add_argument("--work", help="working folder: runs, checkpoints, cells (default: --out); keep it outside the "
+                                   "repository; a start checkpoint missing there is rebuilt (same seed, same run)")
+    ap.add_argument("--jobs", type=int, default=1, help="cells run in parallel, the cores split between them")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--budget", default="default", choices=sorted(BUDGETS))
@@ -22,7 +25,8 @@ def main() -> None:
     ap.add_argument("--diversity-from", metavar="CKPT", help="only measure the diversity curve from this checkpoint")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    study = Study(a.out, seeds=a.seeds, arms=tuple(a.arms), budget=a.budget, diversity=not a.no_diversity)
+    study = Study(a.out, seeds=a.seeds, arms=tuple(a.arms), budget=a.budget, diversity=not a.no_diversity,
+                  work=a.work, jobs=a.jobs)
     if a.diversity_from:
         study.run_diversity(a.diversity_from)
     elif a.report_only:

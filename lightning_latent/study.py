@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,18 +67,23 @@ BUDGETS = {
 
 class Study:
     def __init__(self, out: str | Path, seeds: int = 5, arms: tuple[str, ...] = ARMS, budget: str | Budget = "default",
-                 diversity: bool = True):
+                 diversity: bool = True, work: str | Path | None = None, jobs: int = 1):
         for a in arms:
             if a not in ARMS:
                 raise ValueError(f"unknown arm {a!r}; choose from {ARMS}")
         if seeds < 1:
             raise ValueError(f"--seeds {seeds} must be >= 1")
-        self.out = Path(out).resolve()  # cells run with cwd=out: every path handed to them must be absolute
-        self.seeds, self.arms, self.diversity = seeds, tuple(arms), diversity
+        if jobs < 1:
+            raise ValueError(f"--jobs {jobs} must be >= 1")
+        self.out = Path(out).resolve()  # tables and plots
+        # cells run with cwd=work: every path handed to them must be absolute
+        self.work = Path(work).resolve() if work is not None else self.out
+        self.seeds, self.arms, self.diversity, self.jobs = seeds, tuple(arms), diversity, jobs
         self.budget = BUDGETS[budget] if isinstance(budget, str) else budget
-        self.tb = self.out / "tb"
-        self.cells = self.out / "cells"
+        self.tb = self.work / "tb"  # TensorBoard events and checkpoints
+        self.cells = self.work / "cells"
         self.cells.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.perf_counter()
 
     # -- running cells ------------------------------------------------------------------------------
@@ -99,7 +105,10 @@ class Study:
         logf = self.cells / f"{cell}.log"
         logf.unlink(missing_ok=True)  # one attempt per log: an unfinished earlier attempt starts again
         log.info("cell %s: %s", cell, " ".join(cmd))
-        rc = run_process(cmd, {**os.environ, "PYTHONWARNINGS": "ignore"}, logf, cwd=self.out)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        if self.jobs > 1:  # cells in parallel share the cores: each gets its part of them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        rc = run_process(cmd, env, logf, cwd=self.work)
         if rc != 0:
             raise RuntimeError(f"cell {cell} failed (exit {rc}); see {logf}")
         return vdir
@@ -110,8 +119,8 @@ class Study:
     def coconut(self, seed: int) -> str:
         cell = f"coconut_s{seed}"
         done = self._done(cell)
-        if done:
-            return done["ckpt"]
+        if done and Path(done["ckpt"]).exists():
+            return done["ckpt"]  # (a missing checkpoint, e.g. on another machine, is rebuilt: same seed, same run)
         b = self.budget
         vdir = self._run(["fit", "--config", str(CONFIGS / "coconut.yaml"), *self._seed_args(seed), *b.coconut_args,
                           "--data.val_limit", str(b.val_limit)], "coconut", f"seed{seed}", cell)
@@ -164,17 +173,28 @@ class Study:
 
     # -- the study -----------------------------------------------------------------------------------
     def run(self) -> None:
+        """Every cell not finished yet: the Coconut starts (in parallel), then each seed's start evaluation
+        and each (seed, arm) training + evaluation chain (in parallel, ``jobs`` at a time)."""
         first = self.coconut(0)
         if self.diversity and not (self.out / "diversity.csv").exists():
             self.run_diversity(first)
-        for s in range(self.seeds):
-            start = self.coconut(s)
-            self.evaluate(s, "coconut", start, None)
-            for arm in self.arms:
-                arm_start = str(Path(start).with_name("phase-cot.ckpt")) if get_arm(arm).start == "cot" else start
-                tr = self.train_arm(s, arm, arm_start)
-                self.evaluate(s, arm, tr["ckpt"], arm)
+        with ThreadPoolExecutor(self.jobs) as pool:
+            starts = dict(zip(range(self.seeds), pool.map(self.coconut, range(self.seeds))))
+            chains = [pool.submit(self.evaluate, s, "coconut", starts[s], None) for s in range(self.seeds)]
+            chains += [pool.submit(self._arm_chain, s, arm, starts[s]) for s in range(self.seeds) for arm in self.arms]
+            for c in chains:
+                c.result()  # re-raises a failed cell
         self.report()
+
+    def _arm_chain(self, seed: int, arm: str, start: str) -> dict:
+        if self._done(f"test_{arm}_s{seed}"):
+            return self._done(f"test_{arm}_s{seed}")
+        arm_start = str(Path(start).with_name("phase-cot.ckpt")) if get_arm(arm).start == "cot" else start
+        tr = self.train_arm(seed, arm, arm_start)
+        if not Path(tr["ckpt"]).exists():  # trained on another machine: train again (deterministic)
+            (self.cells / f"train_{arm}_s{seed}.json").unlink()
+            tr = self.train_arm(seed, arm, arm_start)
+        return self.evaluate(seed, arm, tr["ckpt"], arm)
 
     def run_diversity(self, ckpt: str) -> None:
         from .data.synthetic import synthetic_record

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -31,9 +32,9 @@ def test_score_and_intervals_by_hand():
 
 @pytest.mark.slow
 def test_ablate_tiny_writes_everything_and_resumes(tmp_path):
-    out = tmp_path / "study"
+    out, work = tmp_path / "study", tmp_path / "work"
     cmd = [sys.executable, str(ROOT / "experiments" / "ablate.py"), "--out", str(out), "--seeds", "1",
-           "--budget", "tiny", "--arms", "none", "dropout_shared", "sft_continue"]
+           "--budget", "tiny", "--arms", "none", "dropout_shared", "sft_continue", "--work", str(work), "--jobs", "2"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -50,13 +51,25 @@ def test_ablate_tiny_writes_everything_and_resumes(tmp_path):
     div = list(csv.DictReader(open(out / "diversity.csv")))
     zero = [r for r in div if r["arm"] == "dropout_shared" and float(r["strength"]) == 0.0 and r["answers"] == "greedy"]
     assert zero and all(float(r["frac_zero_std"]) == 1.0 for r in zero)
-    assert (out / "tb" / "dropout_shared" / "seed0").is_dir()
+    assert (work / "tb" / "dropout_shared" / "seed0").is_dir() and not (out / "tb").exists()
     md = (out / "results.md").read_text()
     assert "dropout_shared − temperature" not in md and "dropout_shared − coconut_start" in md
     # Rerun: every cell is skipped (no new run directories, nothing retrained).
-    before = sorted(p.name for p in (out / "cells").glob("*.json"))
-    mtimes = {p: p.stat().st_mtime for p in (out / "cells").glob("*.json")}
+    before = sorted(p.name for p in (work / "cells").glob("*.json"))
+    mtimes = {p: p.stat().st_mtime for p in (work / "cells").glob("*.json")}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-4000:]
-    assert sorted(p.name for p in (out / "cells").glob("*.json")) == before
+    assert sorted(p.name for p in (work / "cells").glob("*.json")) == before
     assert all(p.stat().st_mtime == t for p, t in mtimes.items())
+    # On another machine: the start checkpoint is missing and one arm unfinished. The start is rebuilt
+    # (same seed, same run: the same weights) and the arm trains and scores as it did the first time.
+    start = Path(json.loads((work / "cells" / "coconut_s0.json").read_text())["ckpt"])
+    first = json.loads((work / "cells" / "test_none_s0.json").read_text())
+    start.unlink()
+    for cell in ("train_none_s0.json", "test_none_s0.json"):
+        (work / "cells" / cell).unlink()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert start.exists()
+    again = json.loads((work / "cells" / "test_none_s0.json").read_text())
+    assert again["correct"] == first["correct"] and again["pass@1"] == first["pass@1"]
