@@ -76,3 +76,16 @@ def coconut_fixture():
         pytest.fail(f"reference fixture missing from the repository: {FIXTURE_DIR} (see tests/fixtures/"
                     "coconut_reference/README.md)", pytrace=False)
     return json.loads(path.read_text())
+
+
+def tiny_trainer(root, **overrides):
+    """A CPU Trainer for in-process tiny fits: the schedule decides the length (one epoch per segment),
+    no logger, checkpoints or progress bar unless asked for."""
+    import lightning as L
+
+    kw = dict(accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
+              check_val_every_n_epoch=None, val_check_interval=1000, num_sanity_val_steps=0, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=str(root))
+    kw.update(overrides)
+    return L.Trainer(**kw)

@@ -23,6 +23,8 @@ from lightning_latent.rl.rollout import rollout, rollout_seed, rollout_stats
 from lightning_latent.rl.update import GRPOConfig
 from lightning_latent.schedule import Phase
 
+from conftest import tiny_trainer
+
 SYN = SyntheticConfig(min_steps=1, max_steps=1, max_number=5, max_value=20, operators="+")
 REWARDS["always_zero"] = lambda texts, golds: torch.zeros(len(texts))
 REWARDS["gold_parity"] = lambda texts, golds: torch.tensor([float(int(g) % 2) for g in golds])
@@ -36,10 +38,7 @@ def tiny(schedule, **kw) -> LatentReasoner:
 
 
 def fit(module, root, steps_log: list | None = None) -> L.Trainer:
-    t = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
-                  check_val_every_n_epoch=None, val_check_interval=1000, num_sanity_val_steps=0, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  default_root_dir=str(root))
+    t = tiny_trainer(root)
     t.fit(module, datamodule=LatentDataModule(synthetic=SYN, val_limit=32, test_limit=32, eval_batch_size=32))
     return t
 

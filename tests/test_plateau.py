@@ -12,6 +12,8 @@ from lightning_latent.model.build import ModelConfig
 from lightning_latent.module import LatentReasoner
 from lightning_latent.schedule import Phase, PlateauRule, PlateauTracker, flatten
 
+from conftest import tiny_trainer
+
 
 def test_tracker_needs_a_gain_within_patience():
     t = PlateauTracker(PlateauRule(every=10, patience=2, min_gain=0.05))
@@ -52,10 +54,7 @@ def _run(tmp_path, max_steps=None, ckpt=None):
     cbs = [trace]
     if max_steps is not None:
         cbs.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True, every_n_train_steps=1))
-    t = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
-                  check_val_every_n_epoch=None, val_check_interval=1000, num_sanity_val_steps=0, logger=False,
-                  enable_checkpointing=max_steps is not None, enable_progress_bar=False, enable_model_summary=False,
-                  default_root_dir=str(tmp_path), callbacks=cbs, max_steps=max_steps or -1)
+    t = tiny_trainer(tmp_path, enable_checkpointing=max_steps is not None, callbacks=cbs, max_steps=max_steps or -1)
     t.fit(m, datamodule=LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4), ckpt_path=ckpt)
     return m, trace
 

@@ -17,6 +17,8 @@ from lightning_latent.rl.rollout import replay_logprobs, rollout, rollout_seed
 from lightning_latent.rl.update import GRPOConfig
 from lightning_latent.schedule import Phase
 
+from conftest import tiny_trainer
+
 
 def test_builtin_arms_and_what_derives_from_them():
     assert study_arms() == ("none", "temperature", "dropout_per_step", "gaussian", "dropout_shared", "sft_continue")
@@ -60,10 +62,7 @@ def test_toy_arm_defined_in_one_file_trains_and_replays(tmp_path, make_latent_lm
                        schedule=[Phase("grpo", steps=2)], grpo_prompts=2,
                        grpo=GRPOConfig(group_size=4, max_new_tokens=4, reward="text_hash"))
     start = {k: v.clone() for k, v in m.model.state_dict().items()}
-    t = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
-                  check_val_every_n_epoch=None, val_check_interval=1000, num_sanity_val_steps=0, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  default_root_dir=str(tmp_path))
+    t = tiny_trainer(tmp_path)
     t.fit(m, datamodule=LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4))
     assert m.step_count == 2
     assert t.callback_metrics["grpo/thought_diversity"] > 0

@@ -17,7 +17,7 @@ from lightning_latent.model.perturb import PerturbConfig, Perturber
 from lightning_latent.rl.grpo import group_advantages, group_stats, grpo_loss, sequence_logprobs
 from lightning_latent.rl.rollout import replay_logprobs, rollout, rollout_seed
 
-from conftest import tiny_gpt2
+from conftest import tiny_trainer, tiny_gpt2
 
 B, K, NEW = 4, 4, 6
 STAGE = 4  # past max_latent_stage=3: every step latent, 3 thoughts for a 3-step record
@@ -294,10 +294,7 @@ def test_micro_batched_grpo_update_equals_whole_batch(tmp_path, aggregation):
                            grpo=GRPOConfig(group_size=4, max_new_tokens=4, reward="text_hash", mu=2, beta=0.05,
                                            aggregation=aggregation, micro_batch_rows=micro))
         start = {k: v.clone() for k, v in m.model.state_dict().items()}
-        t = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
-                      check_val_every_n_epoch=None, val_check_interval=1000, num_sanity_val_steps=0, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(tmp_path))
+        t = tiny_trainer(tmp_path)
         t.fit(m, datamodule=LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4))
         return start, m.model.state_dict()
 
