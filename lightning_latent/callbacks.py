@@ -136,8 +136,9 @@ class PhaseSummary(L.Callback):
                    "steps": pl_module.step_count, "skipped_rows": trainer.datamodule.skip_report()
                    if trainer.datamodule is not None else {}}
         summary["checks"] = phase_checks(self.rows)
-        if getattr(pl_module, "plateau_history", None):  # the plateau rule's evaluations: the learning curves
-            summary["plateau"] = pl_module.plateau_history
+        plateau = getattr(pl_module, "plateau", None)
+        if plateau is not None and plateau.history:  # the plateau rule's evaluations: the learning curves
+            summary["plateau"] = plateau.history
             summary["segment_steps"] = [{"phase": s.name, "stage": s.stage, "steps": s.steps}
                                         for s in pl_module.segments]
         path = Path(log_dir) / "summary.json"

@@ -1,12 +1,21 @@
 """Guards that stop a run which has gone wrong instead of training through it.
 
 :class:`NonFiniteGuard`: a non-finite loss or gradient skips that update; too many in a row stop the
-run (the module saves a checkpoint of the last good weights first).
+run. :class:`CollapseGuard`: GRPO steps whose rewards carry no signal, many in a row, stop it too. The
+module saves a checkpoint before either stop.
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from torch import Tensor
+
+from .distributed import all_sum
+from .rl.grpo import zero_std_groups
+
+log = logging.getLogger("lightning_latent")
 
 
 class NonFiniteGuard:
@@ -88,3 +97,29 @@ class CollapseGuard:
         self.flat_steps = int(state.get("flat_steps", 0))
         self.last_mixed = state.get("last_mixed")
         self.rewards = [tuple(r) for r in state.get("rewards", [])]
+
+
+def check_rollouts(rewards: Tensor, stats: dict[str, float], cfg, guard: CollapseGuard, step: int,
+                   device) -> str | None:
+    """After a GRPO step's rollouts: warn when more than ``cfg.truncation_warn`` of the answers were cut
+    off at ``cfg.max_new_tokens``, and feed ``guard`` the step's signal, counted over all ranks (one
+    all-reduce, so every rank takes the same decision). Returns the guard's stop message, if any."""
+    if stats.get("grpo/truncated_frac", 0.0) > cfg.truncation_warn:
+        log.warning("step %d: %.0f%% of the rollouts hit grpo.max_new_tokens=%d before their end (reward "
+                    "usually 0): raise grpo.max_new_tokens", step, 100 * stats["grpo/truncated_frac"],
+                    cfg.max_new_tokens)
+    counts = all_sum(torch.tensor([float((~zero_std_groups(rewards)).sum()), float((rewards != 0).sum()),
+                                   float((rewards != 1).sum())], device=device))
+    return guard.update(step, bool(counts[0] > 0), bool(counts[1] == 0), bool(counts[2] == 0),
+                        stats["grpo/reward_mean"])
+
+
+def stop_checkpoint(trainer, name: str) -> str:
+    """Save the run's state (weights untouched by skipped updates) next to its other checkpoints before
+    a guard stops it; returns the path, for the stop message."""
+    cb = trainer.checkpoint_callback
+    d = Path(cb.dirpath) if cb is not None and getattr(cb, "dirpath", None) else \
+        Path(trainer.default_root_dir) / "checkpoints"
+    path = d / name
+    trainer.save_checkpoint(path)
+    return str(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,50 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .configs import coerce
 from .data.layout import IGNORE, CurriculumConfig, train_batch
 from .data.records import Record
 from .data.synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
-from .distributed import all_sum, mean_over_ranks
+from .distributed import mean_over_ranks
 from .evaluation import EvalConfig, EvalMetrics, Evaluator, count_correct, prediction_rows
-from .guards import CollapseError, CollapseGuard, NonFiniteGuard
-from .optim import OptimConfig, guarded_step
+from .guards import CollapseError, CollapseGuard, NonFiniteGuard, check_rollouts, stop_checkpoint
 from .model.build import ModelConfig, build_latent_model, tokenizer_to_bytes
 from .model.perturb import PerturbConfig, Perturber
 from .model.trainable import trainable_masks
+from .optim import OptimConfig, guarded_step
 from .rl.reference import Reference
 from .rl.rewards import get_reward
-from .rl.grpo import zero_std_groups
 from .rl.rollout import RolloutBatch, rollout, rollout_seed, rollout_stats
 from .rl.update import GRPOConfig, grpo_update
-from .schedule import (DataPlan, Phase, PlateauRule, PlateauTracker, Segment, data_plan, flatten, locate, set_lengths,
-                       shrink_to_one_step)
+from .schedule import (DataPlan, Phase, PlateauWatch, Segment, data_plan, default_schedule, flatten, locate,
+                       set_lengths, shrink_to_one_step)
 
 log = logging.getLogger("lightning_latent")
-
-
-def default_schedule() -> list[Phase]:
-    """The embedded default: CoT, the latent curriculum (3 stages: the 3-step synthetic problems end
-    fully latent), then Dropout-GRPO."""
-    return [Phase("cot", steps=800), Phase("coconut", steps=250, stages=[1, 2, 3]),
-            Phase("grpo", steps=200, name="dropout_grpo")]
-
-
-def _coerce(cls, value):
-    """A plain dict (hand-written YAML, an old checkpoint) -> the config dataclass ``cls``."""
-    if isinstance(value, dict):
-        kw = {k: tuple(v) if isinstance(v, list) and cls is SyntheticConfig else v for k, v in value.items()}
-        return cls(**kw)
-    return value
-
-
-# The hyperparameters saved in every checkpoint hold these config dataclasses. torch >= 2.6 loads with
-# ``weights_only=True`` by default (so does ``--ckpt_path``), which refuses any class not allow-listed.
-# Checkpoints written before the configs moved out of this file name them ``lightning_latent.module.*``.
-torch.serialization.add_safe_globals(
-    [ModelConfig, CurriculumConfig, Phase, PlateauRule, PerturbConfig, GRPOConfig, OptimConfig, EvalConfig,
-     SyntheticConfig,
-     *((cls, f"{__name__}.{cls.__name__}") for cls in (GRPOConfig, OptimConfig, EvalConfig))]
-)
 
 
 class LatentReasoner(L.LightningModule):
@@ -107,13 +81,13 @@ class LatentReasoner(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.backbone_cfg, self.curriculum = _coerce(ModelConfig, backbone), _coerce(CurriculumConfig, curriculum)
-        self.perturb_cfg, self.grpo_cfg = _coerce(PerturbConfig, perturb), _coerce(GRPOConfig, grpo)
-        self.optim_cfg, self.eval_cfg = _coerce(OptimConfig, optim), _coerce(EvalConfig, evaluation)
-        synthetic = _coerce(SyntheticConfig, synthetic)
+        self.backbone_cfg, self.curriculum = coerce(ModelConfig, backbone), coerce(CurriculumConfig, curriculum)
+        self.perturb_cfg, self.grpo_cfg = coerce(PerturbConfig, perturb), coerce(GRPOConfig, grpo)
+        self.optim_cfg, self.eval_cfg = coerce(OptimConfig, optim), coerce(EvalConfig, evaluation)
+        synthetic = coerce(SyntheticConfig, synthetic)
         if isinstance(self.eval_cfg.perturb, dict):
             self.eval_cfg.perturb = PerturbConfig(**self.eval_cfg.perturb)
-        schedule = default_schedule() if schedule is None else [_coerce(Phase, p) for p in schedule]
+        schedule = default_schedule() if schedule is None else [coerce(Phase, p) for p in schedule]
         self.curriculum.validate()
         self.perturb_cfg.validate()
         self.grpo_cfg.validate()
@@ -137,8 +111,7 @@ class LatentReasoner(L.LightningModule):
         self.step_count = 0  # completed schedule steps (what resume restores)
         self.nonfinite = NonFiniteGuard(self.optim_cfg.max_bad_steps)
         self.collapse = CollapseGuard(self.grpo_cfg.collapse_patience)
-        self.plateau: tuple[int, PlateauTracker] | None = None  # (segment index, its tracker)
-        self.plateau_history: list[dict] = []  # every plateau evaluation: the learning curves
+        self.plateau = PlateauWatch()
         self._end_epoch = False
         self.val_metrics, self.test_metrics = EvalMetrics(self.eval_cfg.k), EvalMetrics(self.eval_cfg.k)
         self.automatic_optimization = False
@@ -212,17 +185,8 @@ class LatentReasoner(L.LightningModule):
             if self.nonfinite.exhausted:
                 self.trainer.should_stop = True
                 raise RuntimeError(self.nonfinite.message(self.step_count, ids,
-                                                          self._stop_checkpoint("nonfinite-stop.ckpt")))
+                                                          stop_checkpoint(self.trainer, "nonfinite-stop.ckpt")))
         return ok, gn, loss
-
-    def _stop_checkpoint(self, name: str) -> str:
-        """Save the state (weights untouched by skipped updates) before a run stops on bad numbers."""
-        cb = self.trainer.checkpoint_callback
-        d = Path(cb.dirpath) if cb is not None and getattr(cb, "dirpath", None) else \
-            Path(self.trainer.default_root_dir) / "checkpoints"
-        path = d / name
-        self.trainer.save_checkpoint(path)
-        return str(path)
 
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: list[Record], batch_idx: int) -> None:
@@ -251,30 +215,18 @@ class LatentReasoner(L.LightningModule):
         self._end_epoch = False
 
     def _plateau_check(self, seg: Segment) -> None:
-        """Every ``plateau.every`` steps of a segment with a plateau rule: greedy validation pass@1; end the
-        segment here when it has stopped improving (schedule.PlateauRule)."""
-        rule, done = seg.plateau, self.step_count - seg.start
+        """At a plateau evaluation step: greedy validation pass@1; the segment ends here once it has
+        stopped improving (schedule.PlateauRule), and Lightning's epoch with it."""
         dm = getattr(self.trainer, "datamodule", None)
-        if rule is None or dm is None or self.trainer.fast_dev_run or done % rule.every or self.step_count >= seg.end:
+        if dm is None or self.trainer.fast_dev_run or not self.plateau.due(seg, self.step_count):
             return
-        index = self.segments.index(seg)
-        if self.plateau is None or self.plateau[0] != index:
-            self.plateau = (index, PlateauTracker(rule))
         correct, n = count_correct(self.evaluator, dm.eval_records("validation"), seg.stage, seg.cot_layout,
                                    dm.eval_batch_size, self.device)
-        value = correct / max(n, 1)
-        self.plateau_history.append({"phase": seg.name, "stage": seg.stage, "step": self.step_count,
-                                     "steps_in_stage": done, "val_pass@1": value, "val_n": n})
-        self.log(f"plateau/{seg.name}/stage{seg.stage}/val_pass@1", value)
-        if self.plateau[1].update(value, done):
-            cap = seg.steps
-            lengths = [s.steps for s in self.segments]
-            lengths[index] = done
-            self.total_steps = set_lengths(self.segments, lengths)
-            self._end_epoch = True
-            log.info("%s stage %d: validation pass@1 has not gained %.3f in %d evaluations (best %.3f): the stage "
-                     "ends after %d of at most %d steps", seg.name, seg.stage, rule.min_gain, rule.patience,
-                     self.plateau[1].best, done, cap)
+        self.log(f"plateau/{seg.name}/stage{seg.stage}/val_pass@1", correct / max(n, 1))
+        if self.plateau.record(self.segments, seg, self.step_count, correct / max(n, 1), n):
+            self.total_steps, self._end_epoch = self.segments[-1].end, True
+            log.info("%s stage %d ends at its plateau after %d steps (best validation pass@1 %.3f)", seg.name,
+                     seg.stage, seg.steps, self.plateau.tracker.best)
 
     def _no_ddp_sync(self) -> None:
         # Lightning calls training_step through the DDP wrapper; gradients are synced by sync_grads.
@@ -342,22 +294,12 @@ class LatentReasoner(L.LightningModule):
         self.log("perf/rollout_share", (t1 - t0) / max(time.perf_counter() - t0, 1e-9))
 
     def _check_rollouts(self, rb: RolloutBatch, stats: dict[str, float]) -> None:
-        """Warn when most answers are cut off at max_new_tokens; stop a run whose rewards carry no signal
-        (:class:`~.guards.CollapseGuard`), with a checkpoint, deciding on all ranks together."""
-        cfg = self.grpo_cfg
-        if stats.get("grpo/truncated_frac", 0.0) > cfg.truncation_warn:
-            log.warning("step %d: %.0f%% of the rollouts hit grpo.max_new_tokens=%d before their end (reward "
-                        "usually 0): raise grpo.max_new_tokens", self.step_count,
-                        100 * stats["grpo/truncated_frac"], cfg.max_new_tokens)
-        r = rb.rewards
-        counts = all_sum(torch.tensor([float((~zero_std_groups(r)).sum()), float((r != 0).sum()),
-                                       float((r != 1).sum())], device=self.device))
-        msg = self.collapse.update(self.step_count, bool(counts[0] > 0), bool(counts[1] == 0), bool(counts[2] == 0),
-                                   stats["grpo/reward_mean"])
+        """Warn about truncated answers; stop a run whose rewards carry no signal (guards.check_rollouts)."""
+        msg = check_rollouts(rb.rewards, stats, self.grpo_cfg, self.collapse, self.step_count, self.device)
         if msg is not None:
             self.trainer.should_stop = True
-            path = self._stop_checkpoint("collapse-stop.ckpt")
-            raise CollapseError(f"{msg}; checkpoint: {path}", value=float(counts[2] == 0))
+            path = stop_checkpoint(self.trainer, "collapse-stop.ckpt")
+            raise CollapseError(f"{msg}; checkpoint: {path}", value=float(rb.rewards.mean() > 0.5))
 
     # -- evaluation -------------------------------------------------------------------------------------
     def _eval_batch(self, records: list[Record], metrics: EvalMetrics, prefix: str) -> None:
@@ -401,9 +343,7 @@ class LatentReasoner(L.LightningModule):
             checkpoint["grpo_reference"] = self._reference_state
         checkpoint["collapse_guard"] = self.collapse.state_dict()
         checkpoint["schedule_state"]["segment_steps"] = [s.steps for s in self.segments]
-        checkpoint["schedule_state"]["plateau_history"] = self.plateau_history
-        if self.plateau is not None:
-            checkpoint["schedule_state"]["plateau"] = (self.plateau[0], self.plateau[1].best, self.plateau[1].since_best)
+        checkpoint["schedule_state"]["plateau"] = self.plateau.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         st = checkpoint.get("schedule_state")
@@ -415,10 +355,5 @@ class LatentReasoner(L.LightningModule):
         self.collapse.load_state_dict(checkpoint.get("collapse_guard", {}))
         if "segment_steps" in st and len(st["segment_steps"]) == len(self.segments):  # plateau-shortened stages
             self.total_steps = set_lengths(self.segments, st["segment_steps"])
-        self.plateau_history = list(st.get("plateau_history", []))
-        if st.get("plateau") is not None:
-            index, best, since = st["plateau"]
-            tracker = PlateauTracker(self.segments[index].plateau)
-            tracker.best, tracker.since_best = best, since
-            self.plateau = (index, tracker)
+        self.plateau.load_state_dict(st.get("plateau", {}), self.segments)
 

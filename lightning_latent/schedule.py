@@ -47,6 +47,49 @@ class PlateauTracker:
         return self.since_best >= self.rule.patience and steps_done >= self.rule.min_steps
 
 
+class PlateauWatch:
+    """The plateau rule over a whole schedule: when a segment is due for an evaluation, its tracker, and
+    every evaluation so far (the learning curves, saved in checkpoints and in ``summary.json``)."""
+
+    def __init__(self) -> None:
+        self.index: int | None = None  # the segment the tracker belongs to
+        self.tracker: PlateauTracker | None = None
+        self.history: list[dict] = []
+
+    @staticmethod
+    def due(seg: "Segment", step: int) -> bool:
+        """After ``step`` completed steps: is this an evaluation step of ``seg``'s plateau rule?"""
+        done = step - seg.start
+        return seg.plateau is not None and done % seg.plateau.every == 0 and step < seg.end
+
+    def record(self, segments: list["Segment"], seg: "Segment", step: int, value: float, n: int) -> bool:
+        """One evaluation of ``seg`` (validation pass@1 ``value`` over ``n`` problems); True when the
+        segment ends here (its length is then set to the steps done and later segments move up)."""
+        index, done = segments.index(seg), step - seg.start
+        if self.index != index:
+            self.index, self.tracker = index, PlateauTracker(seg.plateau)
+        self.history.append({"phase": seg.name, "stage": seg.stage, "step": step, "steps_in_stage": done,
+                             "val_pass@1": value, "val_n": n})
+        if not self.tracker.update(value, done):
+            return False
+        lengths = [s.steps for s in segments]
+        lengths[index] = done
+        set_lengths(segments, lengths)
+        return True
+
+    def state_dict(self) -> dict:
+        t = self.tracker
+        return {"index": self.index, "best": None if t is None else t.best,
+                "since_best": None if t is None else t.since_best, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict, segments: list["Segment"]) -> None:
+        self.history = list(state.get("history", []))
+        self.index = state.get("index")
+        if self.index is not None:
+            self.tracker = PlateauTracker(segments[self.index].plateau)
+            self.tracker.best, self.tracker.since_best = state["best"], state["since_best"]
+
+
 @dataclass
 class Phase:
     """One phase.
@@ -99,6 +142,13 @@ class Segment:
         """Whether prompts and examples use the CoT phase's layout (no latent markers): the CoT phase,
         and GRPO / supervised phases at stage 0 (GRPO on a CoT model, the ``cot_grpo`` arm)."""
         return self.kind == "cot" or (self.stage == 0 and self.kind in ("grpo", "sft"))
+
+
+def default_schedule() -> list[Phase]:
+    """The embedded default: CoT, the latent curriculum (3 stages: the 3-step synthetic problems end
+    fully latent), then Dropout-GRPO."""
+    return [Phase("cot", steps=800), Phase("coconut", steps=250, stages=[1, 2, 3]),
+            Phase("grpo", steps=200, name="dropout_grpo")]
 
 
 def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str, int], default_lr: dict[str, float]

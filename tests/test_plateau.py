@@ -68,7 +68,7 @@ def test_segments_end_at_the_plateau_and_the_rest_moves_up(tmp_path):
         [(i, "coconut", 1) for i in range(4, 8)] + [(i, "coconut", 2) for i in range(8, 12)]
     ids = [i for t in trace.steps for i in t[3]]
     assert ids == list(range(len(ids)))  # the stream continues where the shortened segment stopped
-    assert [h["steps_in_stage"] for h in m.plateau_history] == [2, 4, 2, 4, 2, 4]
+    assert [h["steps_in_stage"] for h in m.plateau.history] == [2, 4, 2, 4, 2, 4]
 
 
 def test_a_resumed_run_keeps_the_shortened_schedule(tmp_path):
