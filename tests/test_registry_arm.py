@@ -21,7 +21,9 @@ from conftest import tiny_trainer
 
 
 def test_builtin_arms_and_what_derives_from_them():
-    assert study_arms() == ("none", "temperature", "dropout_per_step", "gaussian", "dropout_shared", "sft_continue")
+    assert study_arms() == ("none", "temperature", "dropout_per_step", "gaussian", "dropout_shared", "sft_continue",
+                            "cot_grpo")
+    assert [a for a in ARMS if ARMS[a].start == "cot"] == ["cot_grpo"]
     assert [a for a in ARMS if ARMS[a].greedy_answers] == ["none"]
     assert [a for a in ARMS if ARMS[a].phase == "sft"] == ["sft_continue"]
     assert PerturbConfig(arm="dropout_per_step").spec.per_step and PerturbConfig(arm="dropout_shared").is_dropout
