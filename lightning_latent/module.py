@@ -266,7 +266,7 @@ class LatentReasoner(L.LightningModule):
         d = Path(cb.dirpath) if cb is not None and getattr(cb, "dirpath", None) else \
             Path(self.trainer.default_root_dir) / "checkpoints"
         path = d / name
-        self.trainer.save_checkpoint(path)
+        self.trainer.save_checkpoint(path, weights_only=False)  # the full state, to resume from
         return str(path)
 
     # -- training ---------------------------------------------------------------------------------------
