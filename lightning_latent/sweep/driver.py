@@ -372,6 +372,12 @@ def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storag
     files["summary.md"].write_text("\n".join(lines))
     if plots:
         files.update(write_plots(study, out, has_importances=bool(importances)))
+    if (out / "tb").exists():  # TensorBoard's HParams tab: the settings that differ, results first
+        from ..hparams import write_experiment
+
+        exp = write_experiment(out / "tb")
+        if exp is not None:
+            files["hparams_experiment"] = exp
     return files
 
 
