@@ -144,6 +144,10 @@ def varying_hparams(runs: list[Run], short: bool | None = None) -> list[str]:
         short = any("lr" in r.hparams for r in runs)
     keys = [k for k in order if any(k in r.hparams for r in runs)] if short else \
         sorted({k for r in runs for k in r.hparams})
+    if short:  # the HParams tab's rule (hparams.write_experiment)
+        from .hparams import _differs
+
+        return [k for k in keys if _differs(k, [r.hparams for r in runs])]
     out = []
     for k in keys:
         vals = {repr(r.hparams.get(k, "<missing>")) for r in runs}

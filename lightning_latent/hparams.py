@@ -17,15 +17,18 @@
 
 The full configuration stays in the run's ``hparams.yaml`` / ``config.yaml``.
 
-TensorBoard's HParams tab takes its columns from ONE experiment description. Each run writes one
-(its own settings), so a single run shows as is; for several runs :func:`write_experiment` (called by
-the ablation study and the sweep; by hand: ``python -m lightning_latent.hparams LOGDIR``) writes one at
-the log root that lists only the settings that differ between the runs, and the result metrics first.
-TensorBoard orders setting columns by name (so ``K``, ``arm``, ``p``, ...).
+TensorBoard's HParams tab takes its columns from ONE experiment description (if several runs wrote
+one, it picks any). So runs write none; instead, after every run, :func:`write_experiment` rewrites the
+one at the log root (the logger's ``save_dir``: ``logs/``, a study's ``OUT/tb``, a sweep's ``tb``) for
+every run under it: the settings that differ between the runs (all of them if there is one run) and the
+result metrics first, ``test_pass@1`` leading. By hand: ``python -m lightning_latent.hparams LOGDIR``.
+TensorBoard orders setting columns by name (so ``K``, ``arm``, ``lr``, ``p``, ...) and ticks the first
+five.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from pathlib import Path
@@ -35,6 +38,8 @@ import lightning as L
 
 # Re-exported: the flattening compare.py reads hparams.yaml with.
 from .reporting import flatten_hparams
+
+log = logging.getLogger("lightning_latent")
 
 __all__ = ["DEFINING", "RESULT_METRICS", "HParamsSummary", "defining_hparams", "flatten_hparams",
            "read_hparams", "write_experiment"]
@@ -191,10 +196,15 @@ class HParamsSummary(L.Callback):
         for s in hparams_summaries(hp, ordered_metrics(metrics)):
             fw.add_summary(s)
         step = int(getattr(pl_module, "step_count", trainer.global_step))
-        for k, v in metrics.items():
-            if not k.startswith("phase/") or "pass@1" not in k:  # PhaseSummary already logged those
-                writer.add_scalar(k, v, step)
+        for k, v in metrics.items():  # PhaseSummary's own phase/* logs may not reach the logger
+            writer.add_scalar(k, v, step)  # at a run's last step: written here in any case
         writer.flush()
+        root = next((lg.save_dir for lg in trainer.loggers if hasattr(lg, "save_dir") and lg.save_dir), None)
+        if root is not None:
+            try:  # the log root's experiment description, now with this run (never fails the run)
+                write_experiment(root)
+            except Exception as err:  # noqa: BLE001 - e.g. two trials rewriting it at once
+                log.debug("HParams experiment description under %s not written: %s", root, err)
 
 
 def ordered_metrics(metrics) -> list[str]:
@@ -227,11 +237,11 @@ def _experiment_summary(hparam_infos, metric_names):
 
 
 def hparams_summaries(hp: dict[str, Any], metric_names: list[str]) -> list:
-    """The experiment (this run alone), session start and session end summaries for one run."""
+    """The session start and end summaries of one run (no experiment description: see the docstring)."""
     from torch.utils.tensorboard.summary import hparams
 
     _exp, ssi, sei = hparams(hp, {m: 0.0 for m in metric_names})
-    return [_experiment_summary(_hparam_infos(hp, False), metric_names), ssi, sei]
+    return [ssi, sei]
 
 
 def read_hparams(run_dir: str | Path) -> dict[str, Any]:
@@ -240,6 +250,18 @@ def read_hparams(run_dir: str | Path) -> dict[str, Any]:
     from .reporting import read_events
 
     return _hparams_from_plugin(read_events(run_dir))
+
+
+RL_KEYS = ("arm", "p", "sites", "scope", "K", "prompts", "beta", "mu")
+
+
+def _differs(key: str, runs: list[dict[str, Any]]) -> bool:
+    """Whether ``key`` tells the runs apart. The RL settings are compared among runs with an arm (a
+    Coconut run has none); a missing ``p`` (an arm without dropout masks) differs from a given one;
+    ``sites`` / ``scope`` differ only by two given values (they refine ``p``)."""
+    among = [r for r in runs if "arm" in r] if key in RL_KEYS else runs
+    vals = {repr(r[key]) if key in r else "<missing>" for r in among if key in r or key not in ("sites", "scope")}
+    return len(vals) > 1
 
 
 def write_experiment(logdir: str | Path) -> Path | None:
@@ -264,8 +286,7 @@ def write_experiment(logdir: str | Path) -> Path | None:
         return None
     order = [*DEFINING, "trial"]
     keys = [k for k in order if any(k in r for r in runs)]
-    varying = {k: next(r[k] for r in runs if k in r) for k in keys
-               if len({repr(r.get(k, "<missing>")) for r in runs}) > 1}
+    varying = {k: next(r[k] for r in runs if k in r) for k in keys if _differs(k, runs)}
     if not varying and keys:  # every run alike: keep the settings, the table needs at least one column
         varying = {k: next(r[k] for r in runs if k in r) for k in keys}
     for old in logdir.glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"):
