@@ -414,7 +414,11 @@ def write_plots(study: optuna.Study, out: Path, has_importances: bool = True) ->
 
 # -- command line ---------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweeps/sweep.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="sweeps/sweep.py", description=(
+        "Run an Optuna hyperparameter sweep over Dropout-GRPO trials (one DDP fit per trial) and write its "
+        "report (trials.csv, summary.md, plots, the HParams tab of OUT/tb).\n\n"
+        "Example: python sweeps/sweep.py --config sweeps/tiny.yaml --n-trials 4 --out sweeps/out/tiny\n\n")
+        + __doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="sweep YAML (search space, objective, sampler, pruner)")
     p.add_argument("--n-trials", type=int, required=True, help="the study's total number of finished trials")
