@@ -1,9 +1,13 @@
-"""The ablation study: ``python experiments/ablate.py --out DIR [--seeds N] [--arms a b ...] [--budget default|tiny]``.
+"""Run the ablation study: per seed one Coconut checkpoint, then every perturbation arm from it, tested
+and compared in tables and plots.
 
+Example: python experiments/ablate.py --out runs/ablation --seeds 5   (rerun the same command to resume)
+
+Usage: python experiments/ablate.py --out DIR [--seeds N] [--arms a b ...] [--budget default|reduced|tiny].
 Per seed: one Coconut checkpoint (experiments/configs/synthetic/coconut.yaml), then every arm from it
 with the same budget; the diversity curve first. Writes DIR/results.csv, DIR/results.md,
 DIR/pass1_per_arm.png, DIR/training_curves.png, DIR/diversity.csv, DIR/diversity.png; all runs log to
-DIR/tb (one TensorBoard root). A rerun with the same --out skips finished cells.
+DIR/tb (one TensorBoard root; its HParams tab compares the runs). A rerun with the same --out skips finished cells.
 """
 import argparse
 import logging

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .evaluation import count_correct
 from .metrics import binomial_ci95
@@ -51,6 +52,31 @@ class EnvironmentRecord(L.Callback):
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(log_dir) / "env.json", "w") as f:
                 json.dump(environment_record(), f, indent=2)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for this project's manual optimisation: every ``every_n_train_steps`` it saves
+    the state AFTER the step, which is what resuming needs (the step counter and the weights agree).
+
+    Lightning 2.6 assumes a manually optimised module wants the state from before ``optimizer.step()``
+    and, lacking one, warns with a 15-line code sample at every save; the save itself is the same as
+    here. Automatic optimisation: Lightning's own behaviour.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.automatic_optimization:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._every_n_train_steps < 1 or trainer.global_step % self._every_n_train_steps != 0:
+            return
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_time_checked = time.monotonic()
 
 
 class PhaseSummary(L.Callback):
@@ -96,25 +122,34 @@ class PhaseSummary(L.Callback):
             # Keep every phase's end state: a later run starts from it with init_from (e.g. GRPO arms and
             # sweep trials from the Coconut checkpoint of the default run).
             if trainer.log_dir and not trainer.fast_dev_run:
-                trainer.save_checkpoint(str(Path(trainer.log_dir) / "checkpoints" / f"phase-{done_seg.name}.ckpt"))
+                trainer.save_checkpoint(str(Path(trainer.log_dir) / "checkpoints" / f"phase-{done_seg.name}.ckpt"),
+                                        weights_only=False)  # the full state: a run can resume from it
 
     def _evaluate(self, trainer, pl_module, name: str, stage_seg) -> None:
         dm = trainer.datamodule
         if dm is None:
             return
-        was_training = pl_module.model.training
+        # Every module's own mode, restored after: LatentLM keeps the backbone in eval mode unless base
+        # dropout is on, and a fit that starts with the backbone in eval mode gets a Lightning warning.
+        modes = {m: m.training for m in pl_module.modules()}
+        bar = trainer.progress_bar_callback if hasattr(trainer.progress_bar_callback, "eval_begin") else None
         row = {"phase": name, "kind": stage_seg.kind, "stage": stage_seg.stage, "step": pl_module.step_count}
         for split in self.splits:
             recs = dm.eval_records(split)
             if trainer.fast_dev_run:  # one batch of everything, evaluation included
                 recs = recs[: dm.eval_batch_size]
+            if bar is not None:
+                bar.eval_begin(f"after {name}: {split}", len(recs))
             correct, n = count_correct(pl_module.evaluator, recs, stage_seg.stage, stage_seg.cot_layout,
-                                       dm.eval_batch_size, pl_module.device)
+                                       dm.eval_batch_size, pl_module.device,
+                                       on_batch=None if bar is None else bar.eval_advance)
             p = correct / max(n, 1)
             key = "val" if split == "validation" else split
             row[f"{key}_pass@1"] = p
             row[f"{key}_n"] = n
             row[f"{key}_ci95"] = binomial_ci95(p, max(n, 1))
+            if bar is not None:
+                bar.eval_end(f"pass@1 {p:.3f} (n={n})", p if key == "val" else None, pl_module.step_count)
             if name == "start":  # self.log() is refused in on_fit_start: write to the loggers directly
                 for lg in trainer.loggers:
                     lg.log_metrics({f"phase/{name}/{key}_pass@1": p}, step=trainer.global_step)
@@ -124,7 +159,8 @@ class PhaseSummary(L.Callback):
         row["seconds"] = round(now - self._phase_t0, 2)
         self._phase_t0 = now
         self.rows.append(row)
-        pl_module.model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         if trainer.is_global_zero:
             log.info("phase %s: %s", name, row)
 

@@ -4,6 +4,10 @@ A thin :class:`~lightning.pytorch.cli.LightningCLI`: with no config it runs the 
 synthetic task, a small GPT-2 trained from scratch on CPU, every phase). Each run logs to its own
 TensorBoard version directory, where the CLI saves ``config.yaml`` and :class:`EnvironmentRecord`
 saves ``env.json``; checkpoints go to ``<version dir>/checkpoints`` (``last.ckpt`` for resuming).
+
+Where things go (Lightning's convention): ``--trainer.default_root_dir DIR`` puts the logs, checkpoints
+and ``summary.json`` under ``DIR/<logger name>/version_N``; without it they go under ``./logs``; a logger
+``save_dir`` given explicitly (other than the default ``logs``) wins over both.
 """
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ import json
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .callbacks import EnvironmentRecord, PhaseSummary
+from . import quiet
+from .callbacks import EnvironmentRecord, PhaseSummary, StepCheckpoint
 from .data.datamodule import LatentDataModule
 from .hparams import HParamsSummary
 from .module import LatentReasoner
+from .progress import ScheduleProgress
 from .sweep.report import callbacks_from_env as sweep_callbacks_from_env
 
 TRAINER_DEFAULTS = {
@@ -32,11 +37,19 @@ TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                "init_args": {"save_dir": "logs", "name": "default", "default_hp_metric": False}},
 }
+DEFAULT_SAVE_DIR = "logs"  # the logger's save_dir unless --trainer.default_root_dir or an explicit one
+
+DESCRIPTION = """Train, validate, test or predict with a latent-reasoning (Coconut) model through one schedule of
+phases (CoT, the latent curriculum, Dropout-GRPO); with no config: the embedded synthetic default.
+
+Example: python experiments/run.py fit --trainer.default_root_dir runs/"""
 
 
 class LatentCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
+        # The schedule-aware progress display (lightning_latent/progress.py): --progress.every N, --progress.mode
+        parser.add_lightning_class_args(ScheduleProgress, "progress")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100,
                              "checkpoint.save_top_k": 0, "checkpoint.filename": "step{step}"})
         parser.link_arguments("data.synthetic", "model.synthetic", apply_on="instantiate")
@@ -49,7 +62,19 @@ class LatentCLI(LightningCLI):
         # line is the truth: give `--ckpt_path` runs the same --config the checkpoint was trained with.
         return None
 
+    def before_instantiate_classes(self) -> None:
+        # --trainer.default_root_dir DIR: the logger writes under DIR unless its save_dir was set explicitly.
+        cfg = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        root = cfg.get("trainer.default_root_dir")
+        logger = cfg.get("trainer.logger")
+        init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
+        if root and init is not None and "save_dir" in init and str(init.save_dir) == DEFAULT_SAVE_DIR:
+            init.save_dir = str(root)
+
     def _instantiate_trainer(self, config, callbacks):
+        # Lightning refuses a progress-bar callback when the progress bar is off.
+        if config.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ScheduleProgress)]
         # Always on: the environment record and the phase-end summary (not optional, unlike checkpoint.*).
         # HParamsSummary: hyperparameters + final metrics for TensorBoard's HParams tab; a sweep trial
         # (LL_OPTUNA_* env set by sweeps/sweep.py) also gets the Optuna reporter / pruner.
@@ -78,6 +103,7 @@ class LatentCLI(LightningCLI):
 
 
 def main(args=None) -> LatentCLI:
+    quiet.install()
     torch.set_float32_matmul_precision("high")
     return LatentCLI(
         LatentReasoner,
@@ -85,6 +111,6 @@ def main(args=None) -> LatentCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": False},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "description": DESCRIPTION},
         args=args,
     )

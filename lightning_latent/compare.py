@@ -6,8 +6,10 @@
 A run is a folder holding ``events.out.tfevents.*`` (a Lightning version directory, a sweep trial).
 Writes ``DIR/runs.csv`` and ``DIR/runs.md`` (one row per run: its hyperparameters, then the final and
 best value of each metric) and one overlay plot per scalar (``DIR/<tag>.png``, ``/`` -> ``_``).
-Hyperparameters come from the HParams plugin data (``lightning_latent.hparams.HParamsSummary``),
-else from ``hparams.yaml``; by default the table shows those that differ between runs.
+Hyperparameters: the defining settings under short names (``arm``, ``p``, ``K`` ...) from the HParams
+plugin data (``lightning_latent.hparams.HParamsSummary``), plus the full configuration from
+``hparams.yaml`` (dotted keys: ``perturb.p``, ``grpo.group_size`` ...); by default the table shows the
+short-named settings that differ between runs (runs without them: the dotted keys that differ).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import yaml
 
 from .reporting import flatten_hparams, markdown_table, read_events, scalars, write_csv
 
-DEFAULT_METRICS = ["val/pass@1", "test/pass@1", "grpo/reward_mean", "grpo/frac_zero_std"]
+DEFAULT_METRICS = ["result/test_pass@1", "result/val_pass@1", "val/pass@1", "test/pass@1", "grpo/reward_mean",
+                   "grpo/frac_zero_std"]
 DEFAULT_SCALARS = ["val/pass@1", "grpo/reward_mean", "grpo/frac_zero_std", "train/loss"]
 _MINIMISE = re.compile(r"loss|kl|frac_zero_std|nonfinite|_gap|seconds", re.I)
 
@@ -55,7 +58,8 @@ def metric_mode(tag: str) -> str:
 def find_runs(logdir: str | Path) -> list[Path]:
     """Every folder under ``logdir`` (itself included) holding an event file, sorted."""
     logdir = Path(logdir)
-    dirs = {p.parent for p in logdir.rglob("events.out.tfevents.*")}
+    # the experiment description written at a log root (lightning_latent.hparams.write_experiment) is no run
+    dirs = {p.parent for p in logdir.rglob("events.out.tfevents.*") if not p.name.endswith(".hparams-experiment")}
     return sorted(dirs)
 
 
@@ -104,7 +108,8 @@ def _hparams_from_yaml(path: Path) -> dict[str, Any]:
     if not f.exists():
         return {}
     try:
-        return flatten_hparams(yaml.load(f.read_text(), Loader=_HparamsLoader) or {})
+        hp = yaml.load(f.read_text(), Loader=_HparamsLoader) or {}
+        return flatten_hparams({k: v for k, v in hp.items() if not str(k).startswith("_")})
     except yaml.YAMLError:
         return {}
 
@@ -113,7 +118,7 @@ def load_run(path: str | Path, name: str | None = None, tags: Iterable[str] | No
     """Read one run's scalars (all, or only ``tags``) and hyperparameters."""
     path = Path(path)
     acc = read_events(path)
-    hp = _hparams_from_plugin(acc) or _hparams_from_yaml(path)
+    hp = {**_hparams_from_yaml(path), **_hparams_from_plugin(acc)}
     return Run(name or path.name, path, scalars(acc, tags), hp)
 
 
@@ -129,9 +134,20 @@ def load_runs(logdir: str | Path, pattern: str | None = None) -> list[Run]:
     return runs
 
 
-def varying_hparams(runs: list[Run]) -> list[str]:
-    """Hyperparameters whose value differs between runs (or is missing in some)."""
-    keys = sorted({k for r in runs for k in r.hparams})
+def varying_hparams(runs: list[Run], short: bool | None = None) -> list[str]:
+    """Hyperparameters whose value differs between runs (or is missing in some). ``short``: only the
+    short-named defining settings (in their order); None: those if any run has them, else all keys."""
+    from .hparams import DEFINING
+
+    order = [*DEFINING, "trial"]
+    if short is None:  # every HParamsSummary run has "lr" (hparams.yaml has only optim.lr)
+        short = any("lr" in r.hparams for r in runs)
+    keys = [k for k in order if any(k in r.hparams for r in runs)] if short else \
+        sorted({k for r in runs for k in r.hparams})
+    if short:  # the HParams tab's rule (hparams.write_experiment)
+        from .hparams import _differs
+
+        return [k for k in keys if _differs(k, [r.hparams for r in runs])]
     out = []
     for k in keys:
         vals = {repr(r.hparams.get(k, "<missing>")) for r in runs}

@@ -8,6 +8,7 @@ and no Lightning state, so the module's validation / test / predict steps, the p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,15 +75,17 @@ class Evaluator:
 
 
 def count_correct(evaluator: Evaluator, records: list[Record], stage: int, cot: bool, batch_size: int,
-                  device) -> tuple[int, int]:
+                  device, on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
     """(correct, n) of greedy answers over ``records`` in batches, summed over ranks (each rank holds
-    its own share of the split)."""
+    its own share of the split). ``on_batch(size)`` after each batch: a progress display."""
     correct = n = 0
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         preds, _ = evaluator.answer(chunk, stage, cot)
         correct += sum(answers_equal(p, r.answer) for p, r in zip(preds, chunk))
         n += len(chunk)
+        if on_batch is not None:
+            on_batch(len(chunk))
     t = all_sum(torch.tensor([float(correct), float(n)], device=device))
     return int(t[0]), int(t[1])
 

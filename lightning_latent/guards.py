@@ -121,5 +121,5 @@ def stop_checkpoint(trainer, name: str) -> str:
     d = Path(cb.dirpath) if cb is not None and getattr(cb, "dirpath", None) else \
         Path(trainer.default_root_dir) / "checkpoints"
     path = d / name
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # the full state, to resume from
     return str(path)

@@ -227,6 +227,10 @@ class Study:
         write_csv(self.out / "results.csv", [{c: r[c] for c in cols} for r in results])
         self._write_md(results, per_problem, cols)
         self._plots(results)
+        from .hparams import write_experiment
+
+        if self.tb.exists():  # TensorBoard's HParams tab: the settings that differ, test pass@1 first
+            write_experiment(self.tb)
 
     def _write_md(self, results: list[dict], per_problem: dict, cols: list[str]) -> None:
         k = self.budget.k

@@ -1,4 +1,6 @@
-"""Hyperparameter sweep over Dropout-GRPO trials (Optuna; one DDP fit per trial).
+"""Run an Optuna hyperparameter sweep over Dropout-GRPO trials (one DDP fit per trial) and write its report.
+
+Example: python sweeps/sweep.py --config sweeps/tiny.yaml --n-trials 4 --out sweeps/out/tiny
 
     python sweeps/sweep.py --config sweeps/dropout_grpo.yaml --n-trials 20 --out sweeps/out/dropout_grpo \
         [--storage postgresql://user:pw@host/db] [--study-name NAME] [--devices 2] [--init-from PATH.ckpt]

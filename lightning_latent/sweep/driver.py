@@ -380,6 +380,12 @@ def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storag
     files["summary.md"].write_text("\n".join(lines))
     if plots:
         files.update(write_plots(study, out, has_importances=bool(importances)))
+    if (out / "tb").exists():  # TensorBoard's HParams tab: the settings that differ, results first
+        from ..hparams import write_experiment
+
+        exp = write_experiment(out / "tb")
+        if exp is not None:
+            files["hparams_experiment"] = exp
     return files
 
 
@@ -416,7 +422,11 @@ def write_plots(study: optuna.Study, out: Path, has_importances: bool = True) ->
 
 # -- command line ---------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweeps/sweep.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="sweeps/sweep.py", description=(
+        "Run an Optuna hyperparameter sweep over Dropout-GRPO trials (one DDP fit per trial) and write its "
+        "report (trials.csv, summary.md, plots, the HParams tab of OUT/tb).\n\n"
+        "Example: python sweeps/sweep.py --config sweeps/tiny.yaml --n-trials 4 --out sweeps/out/tiny\n\n")
+        + __doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="sweep YAML (search space, objective, sampler, pruner)")
     p.add_argument("--n-trials", type=int, required=True, help="the study's total number of finished trials")
