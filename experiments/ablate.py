@@ -7,16 +7,20 @@ Usage: python experiments/ablate.py --out DIR [--seeds N] [--arms a b ...] [--bu
 Per seed: one Coconut checkpoint (experiments/configs/synthetic/coconut.yaml), then every arm from it
 with the same budget; the diversity curve first. Writes DIR/results.csv, DIR/results.md,
 DIR/pass1_per_arm.png, DIR/training_curves.png, DIR/diversity.csv, DIR/diversity.png; all runs log to
-DIR/tb (one TensorBoard root; its HParams tab compares the runs). A rerun with the same --out skips finished cells.
+WORK/tb (--work, default DIR: one TensorBoard root; its HParams tab compares the runs; keep it outside the
+repository, it holds the checkpoints). A rerun with the same --out / --work skips finished cells and rebuilds
+a missing start checkpoint. --jobs N runs N cells at once, the cores split between them.
 """
 import argparse
 import logging
 
+from lightning_latent.helptext import description_first
 from lightning_latent.study import ARMS, BUDGETS, Study
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = description_first(argparse.ArgumentParser(description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
     ap.add_argument("--out", required=True, help="output folder: tables and plots (reuse it to resume)")
     ap.add_argument("--work", help="working folder: runs, checkpoints, cells (default: --out); keep it outside the "
                                    "repository; a start checkpoint missing there is rebuilt (same seed, same run)")

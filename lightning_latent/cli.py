@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from . import quiet
 from .callbacks import EnvironmentRecord, PhaseSummary, StepCheckpoint
 from .data.datamodule import LatentDataModule
+from .helptext import description_first
 from .hparams import HParamsSummary
 from .module import LatentReasoner
 from .progress import ScheduleProgress
@@ -46,6 +47,9 @@ Example: python experiments/run.py fit --trainer.default_root_dir runs/"""
 
 
 class LatentCLI(LightningCLI):
+    def init_parser(self, **kwargs):
+        return description_first(super().init_parser(**kwargs))  # --help: what it does, then usage
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         # The schedule-aware progress display (lightning_latent/progress.py): --progress.every N, --progress.mode

@@ -35,6 +35,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from ..helptext import description_first
 from .report import COLLAPSED_KEY, LOG_DIR_KEY, PRUNED_KEY
 from ..processes import error_from_log, run_process, shell_line
 from ..reporting import markdown_table, write_csv
@@ -448,7 +449,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=29500, help="base port; trial n uses base + n %% 1000")
     p.add_argument("--follow", action="store_true", help="node rank > 0: join the trials node 0 starts")
     p.add_argument("--no-plots", action="store_true")
-    return p
+    return description_first(p)
 
 
 def main(argv: list[str] | None = None) -> int:
