@@ -49,7 +49,7 @@ DRIVER = textwrap.dedent(
     # with different rewards, so the GRPO gradient is not zero
     REWARDS["text_hash"] = lambda texts, golds: torch.tensor([float(sum(map(ord, t)) % 5) / 4 for t in texts])
     from lightning_latent.schedule import Phase
-    import lightning_latent.module as M
+    import lightning_latent.optim as O
     import lightning_latent.rl.update as U
 
     args = json.loads(sys.argv[1])
@@ -101,7 +101,7 @@ DRIVER = textwrap.dedent(
     if args.get("probe"):
         # Record, on each rank: the groups kept, the (rows, answer tokens) the loss is normalised by, and the
         # gradient of the first inner iteration before and after the all-reduce.
-        keep_fn, loss_fn, sync_fn = U.select_mixed_groups, U.grpo_loss, M.sync_grads
+        keep_fn, loss_fn, sync_fn = U.select_mixed_groups, U.grpo_loss, O.sync_grads
 
         def keep(rewards):
             k = keep_fn(rewards)
@@ -125,7 +125,7 @@ DRIVER = textwrap.dedent(
                 probe["grad"] = {n: p.grad.detach().clone() for n, p in module.model.named_parameters()
                                  if p.grad is not None}
 
-        U.select_mixed_groups, U.grpo_loss, M.sync_grads = keep, loss, sync
+        U.select_mixed_groups, U.grpo_loss, O.sync_grads = keep, loss, sync
     trainer.fit(module, datamodule=dm, ckpt_path=args.get("ckpt_path"))
     if probe:
         torch.save(probe, os.path.join(out, f"probe{trainer.global_rank}.pt"))
