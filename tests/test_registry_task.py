@@ -5,7 +5,6 @@ yet the datamodule, the from-scratch tokenizer, a whole CoT -> Coconut -> GRPO f
 """
 from __future__ import annotations
 
-import inspect
 
 import lightning as L
 import pytest
@@ -21,13 +20,8 @@ from lightning_latent.model.build import ModelConfig, build_model, build_tokeniz
 from lightning_latent.module import LatentReasoner
 from lightning_latent.schedule import Phase
 
-try:
-    from lightning_latent.rl.grpo import GRPOConfig
-except ImportError:  # GRPOConfig lives in module.py until the module is split
-    from lightning_latent.module import GRPOConfig
+from lightning_latent.rl.update import GRPOConfig
 
-# LatentReasoner's base-LM argument: ``model`` today, ``backbone`` once module.py is split.
-KEY = "backbone" if "backbone" in inspect.signature(LatentReasoner).parameters else "model"
 BUILT_IN = ["synthetic", "gsm8k", "gsm8k_aug", "coconut_json"]
 
 
@@ -91,7 +85,7 @@ def test_a_registered_task_runs_a_whole_fit(tmp_path):
     build_tokenizer(ModelConfig(), task="toy").save_pretrained(tok_dir)
     backbone = ModelConfig(n_layer=1, n_embd=32, n_head=2, tokenizer=str(tok_dir))
     L.seed_everything(0, verbose=False)
-    module = LatentReasoner(**{KEY: backbone}, curriculum=CurriculumConfig(c_thought=1, max_latent_stage=1),
+    module = LatentReasoner(backbone=backbone, curriculum=CurriculumConfig(c_thought=1, max_latent_stage=1),
                             schedule=[Phase("cot", steps=2), Phase("coconut", steps=1, stages=[1]),
                                       Phase("grpo", steps=1)],
                             batch_size=4, grpo_prompts=2, grpo=GRPOConfig(group_size=2, max_new_tokens=4))
@@ -113,8 +107,8 @@ def test_the_cli_accepts_a_registered_task(tmp_path):
         return LatentCLI(LatentReasoner, LatentDataModule, run=False, parser_kwargs={"default_env": False},
                          args=["--data.task", task, "--data.val_limit", "2", "--trainer.logger", "false",
                                "--trainer.default_root_dir", str(tmp_path),
-                               f"--model.{KEY}.n_layer", "1", f"--model.{KEY}.n_embd", "32",
-                               f"--model.{KEY}.n_head", "2"])
+                               "--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32",
+                               "--model.backbone.n_head", "2"])
 
     assert cli("toy").datamodule.task == "toy"
     with pytest.raises(ValueError, match="registered tasks: .*toy"):
