@@ -15,7 +15,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .evaluation import count_correct
-from .metrics import binomial_ci95
+from .distributed import all_sum
+from .metrics import binomial_ci95, mean_and_ci95_from_sums, paired_sums
 
 log = logging.getLogger("lightning_latent")
 
@@ -89,15 +90,20 @@ class PhaseSummary(L.Callback):
     def __init__(self, splits: tuple[str, ...] = ("validation", "test")):
         self.splits = splits
         self.rows: list[dict] = []
+        # This rank's per-problem test correctness of the last evaluated phase: an RL phase is compared
+        # with the checkpoint it started from on the same problems (paired), not by two intervals.
+        self._last_test: dict[int, bool] = {}
         self._t0 = time.perf_counter()
         self._phase_t0 = self._t0
 
     # The rows of phases finished before a resume travel in the checkpoint.
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "elapsed": time.perf_counter() - self._t0}
+        return {"rows": self.rows, "elapsed": time.perf_counter() - self._t0,
+                "last_test": sorted(self._last_test.items())}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state.get("rows", []))
+        self._last_test = {int(k): bool(v) for k, v in state.get("last_test", [])}
         self._elapsed_before = float(state.get("elapsed", 0.0))
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -140,14 +146,19 @@ class PhaseSummary(L.Callback):
                 recs = recs[: dm.eval_batch_size]
             if bar is not None:
                 bar.eval_begin(f"after {name}: {split}", len(recs))
+            per_problem: dict[int, bool] = {}
             correct, n = count_correct(pl_module.evaluator, recs, stage_seg.stage, stage_seg.cot_layout,
                                        dm.eval_batch_size, pl_module.device,
-                                       on_batch=None if bar is None else bar.eval_advance)
+                                       on_batch=None if bar is None else bar.eval_advance, per_problem=per_problem)
             p = correct / max(n, 1)
             key = "val" if split == "validation" else split
             row[f"{key}_pass@1"] = p
             row[f"{key}_n"] = n
             row[f"{key}_ci95"] = binomial_ci95(p, max(n, 1))
+            if key == "test":
+                if stage_seg.kind == "grpo" and self._last_test:
+                    row.update(paired_row(self._last_test, per_problem, pl_module.device))
+                self._last_test = per_problem
             if bar is not None:
                 bar.eval_end(f"pass@1 {p:.3f} (n={n})", p if key == "val" else None, pl_module.step_count)
             if name == "start":  # self.log() is refused in on_fit_start: write to the loggers directly
@@ -191,17 +202,37 @@ class PhaseSummary(L.Callback):
         print("\n".join(lines), flush=True)
 
 
+def paired_row(before: dict[int, bool], after: dict[int, bool], device) -> dict:
+    """The paired test difference of a phase against the checkpoint it started from: summed over ranks
+    (each holds its share of the problems), mean and 95% t-interval of the per-problem differences."""
+    n, s, ss = paired_sums(before, after)
+    t = all_sum(torch.tensor([float(n), s, ss], dtype=torch.float64, device=device))
+    n = int(t[0])
+    if n == 0:
+        return {}
+    diff, half = mean_and_ci95_from_sums(n, float(t[1]), float(t[2]))
+    return {"test_paired_diff": diff, "test_paired_ci95": half, "test_paired_n": n}
+
+
 def phase_checks(rows: list[dict]) -> list[dict]:
-    """Did each RL phase beat the checkpoint it started from, on test pass@1? Said in the summary either
-    way, with the numbers and whether the difference is inside the two intervals (a disappointing result
-    is still the result)."""
+    """Did each RL phase beat the checkpoint it started from, on test pass@1? ``met`` only when the
+    paired per-problem difference (same test problems before and after) has a 95% interval above 0.
+    Said in the summary either way, with the numbers (a disappointing result is still the result)."""
     out = []
     for prev, row in zip(rows, rows[1:]):
         if row.get("kind") != "grpo" or "test_pass@1" not in row or "test_pass@1" not in prev:
             continue
         a, b = prev["test_pass@1"], row["test_pass@1"]
-        half = prev.get("test_ci95", 0.0) + row.get("test_ci95", 0.0)
-        out.append({"check": f"{row['phase']} above {prev['phase']} (test pass@1)", "met": b > a,
-                    "detail": f"{100 * b:.1f}% vs {100 * a:.1f}%, difference {100 * (b - a):+.1f} points, "
-                              f"n={row.get('test_n')}; sum of the 95% half-widths {100 * half:.1f} points"})
+        if "test_paired_diff" in row:
+            d, half, n = row["test_paired_diff"], row["test_paired_ci95"], row["test_paired_n"]
+            lo, hi = d - half, d + half
+            met = bool(lo > 0)
+            detail = (f"{100 * b:.1f}% vs {100 * a:.1f}%, paired difference {100 * d:+.1f} points, 95% interval "
+                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}] over the same n={n} test problems")
+        else:  # rows from an older summary: no per-problem record
+            met = False
+            detail = (f"{100 * b:.1f}% vs {100 * a:.1f}%, difference {100 * (b - a):+.1f} points, "
+                      f"n={row.get('test_n')}; no paired per-problem record, so not judged")
+        out.append({"check": f"{row['phase']} above {prev['phase']} (test pass@1, paired)", "met": met,
+                    "detail": detail})
     return out

@@ -75,14 +75,19 @@ class Evaluator:
 
 
 def count_correct(evaluator: Evaluator, records: list[Record], stage: int, cot: bool, batch_size: int,
-                  device, on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
+                  device, on_batch: Callable[[int], None] | None = None,
+                  per_problem: dict[int, bool] | None = None) -> tuple[int, int]:
     """(correct, n) of greedy answers over ``records`` in batches, summed over ranks (each rank holds
-    its own share of the split). ``on_batch(size)`` after each batch: a progress display."""
+    its own share of the split). ``on_batch(size)`` after each batch: a progress display.
+    ``per_problem``: filled with this rank's correctness per record id (paired comparisons)."""
     correct = n = 0
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         preds, _ = evaluator.answer(chunk, stage, cot)
-        correct += sum(answers_equal(p, r.answer) for p, r in zip(preds, chunk))
+        ok = [answers_equal(p, r.answer) for p, r in zip(preds, chunk)]
+        if per_problem is not None:
+            per_problem.update({r.idx: bool(c) for r, c in zip(chunk, ok)})
+        correct += sum(ok)
         n += len(chunk)
         if on_batch is not None:
             on_batch(len(chunk))

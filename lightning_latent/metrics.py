@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -129,6 +129,30 @@ def mean_and_ci95(values: Tensor | Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     sd = v.std(unbiased=True).item()
     return mean, t975(n - 1) * sd / math.sqrt(n)
+
+
+def mean_and_ci95_from_sums(n: int, total: float, total_sq: float) -> tuple[float, float]:
+    """:func:`mean_and_ci95` from the count, sum and sum of squares of the values.
+
+    Sums add up over ranks (one all-reduce), so a DDP evaluation whose ranks each hold a share of the
+    problems gets the same interval as one process holding them all, without gathering the values.
+    """
+    if n < 1:
+        raise ValueError("mean_and_ci95_from_sums needs n >= 1")
+    mean = total / n
+    if n == 1:
+        return mean, float("nan")
+    var = max(total_sq - n * mean * mean, 0.0) / (n - 1)
+    return mean, t975(n - 1) * math.sqrt(var / n)
+
+
+def paired_sums(before: Mapping[int, bool], after: Mapping[int, bool]) -> tuple[int, float, float]:
+    """(n, sum, sum of squares) of the per-problem differences ``after - before`` over the problems both
+    evaluations answered (keyed by problem id): the input of :func:`mean_and_ci95_from_sums` for a
+    paired comparison of two checkpoints on the same problems."""
+    common = [k for k in after if k in before]
+    d = [float(after[k]) - float(before[k]) for k in common]
+    return len(d), sum(d), sum(x * x for x in d)
 
 
 Z975 = 1.96

@@ -223,10 +223,20 @@ class LatentReasoner(L.LightningModule):
         correct, n = count_correct(self.evaluator, dm.eval_records("validation"), seg.stage, seg.cot_layout,
                                    dm.eval_batch_size, self.device)
         self.log(f"plateau/{seg.name}/stage{seg.stage}/val_pass@1", correct / max(n, 1))
-        if self.plateau.record(self.segments, seg, self.step_count, correct / max(n, 1), n):
+        ended = self.plateau.record(self.segments, seg, self.step_count, correct / max(n, 1), n)
+        if seg.plateau.restore_best and self.plateau.tracker.improved:
+            self.plateau.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.plateau.best_step = self.step_count
+        if ended:
             self.total_steps, self._end_epoch = self.segments[-1].end, True
             log.info("%s stage %d ends at its plateau after %d steps (best validation pass@1 %.3f)", seg.name,
                      seg.stage, seg.steps, self.plateau.tracker.best)
+            if seg.plateau.restore_best and self.plateau.best_state is not None:
+                self.model.load_state_dict(self.plateau.best_state)
+                self.plateau.history[-1]["restored_step"] = self.plateau.best_step
+                log.info("%s stage %d: restored the weights of step %d (validation pass@1 %.3f)", seg.name,
+                         seg.stage, self.plateau.best_step, self.plateau.tracker.best)
+                self.plateau.best_state = None
 
     def _no_ddp_sync(self) -> None:
         # Lightning calls training_step through the DDP wrapper; gradients are synced by sync_grads.

@@ -79,3 +79,45 @@ def test_a_resumed_run_keeps_the_shortened_schedule(tmp_path):
     assert trace.steps == full_trace.steps[6:]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+class Weights(L.Callback):
+    """The model's weights after every training step, by step count."""
+
+    def __init__(self):
+        self.after: dict[int, dict] = {}
+        self.before: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before[pl_module.step_count] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[pl_module.step_count] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_restore_best_hands_the_next_stage_the_best_weights(tmp_path, restore):
+    L.seed_everything(0, verbose=False)
+    # ends the CoT segment at its 2nd evaluation (step 4); the 1st (step 2) is the best
+    rule = {"every": 2, "patience": 1, "min_gain": 1.0, "restore_best": restore}
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2),
+                       curriculum=CurriculumConfig(c_thought=1, max_latent_stage=1), batch_size=4,
+                       schedule=[Phase("cot", steps=10, plateau=rule), Phase("coconut", steps=2, stages=[1])])
+    w = Weights()
+    t = tiny_trainer(tmp_path, enable_checkpointing=False, callbacks=[w])
+    t.fit(m, datamodule=LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4))
+    assert [s.steps for s in m.segments] == [4, 2]
+    start_of_stage1 = w.before[4]
+    same_as_best = all(torch.equal(v, w.after[2][k]) for k, v in start_of_stage1.items())
+    assert same_as_best is restore  # without it stage 1 starts from step 4's weights, not step 2's
+    assert (m.plateau.history[1].get("restored_step") == 2) is restore
+
+
+def test_a_coconut_phase_can_give_each_stage_its_own_steps():
+    segs = flatten([Phase("cot", steps=5), Phase("coconut", steps=[2, 3, 7], stages=[1, 2, 3])], 3,
+                   {"sft": 8, "grpo": 2}, {"sft": 1e-3, "grpo": 1e-4})
+    assert [(s.stage, s.start, s.steps) for s in segs] == [(0, 0, 5), (1, 5, 2), (2, 7, 3), (3, 10, 7)]
+    with pytest.raises(ValueError, match=r"schedule\[0\].steps=\[2, 3\] gives 2 step counts for 3 stages"):
+        flatten([Phase("coconut", steps=[2, 3], stages=[1, 2, 3])], 3, {"sft": 8, "grpo": 2}, {"sft": 1e-3, "grpo": 1e-4})
+    with pytest.raises(ValueError, match="must be >= 0"):
+        flatten([Phase("coconut", steps=[2, -1], stages=[1, 2])], 3, {"sft": 8, "grpo": 2}, {"sft": 1e-3, "grpo": 1e-4})

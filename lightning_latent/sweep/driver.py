@@ -110,6 +110,24 @@ def finished_count(study: optuna.Study) -> int:
     return sum(t.state in FINISHED for t in counted(trials))
 
 
+
+def reduce_curve(values: list[float], reduce: str = "last", direction: str = "maximize") -> float:
+    """A trial's objective from its validation curve (one value per validation, in step order).
+
+    ``last``: the value at the end of the fit; ``best``: the best value along the way; ``mean``: the
+    mean over the validations, i.e. the area under the learning curve divided by its length (with evenly
+    spaced validations), which rewards a recipe that learns fast, not only one that ends high.
+    """
+    if not values:
+        raise ValueError("reduce_curve: no validation values")
+    if reduce == "best":
+        return max(values) if direction == "maximize" else min(values)
+    if reduce == "mean":
+        return sum(values) / len(values)
+    if reduce == "last":
+        return values[-1]
+    raise ValueError(f"reduce={reduce!r} must be last, best or mean")
+
 class _Heartbeat:
     """Records the trial's heartbeat every ``interval`` seconds while the trial runs."""
 
@@ -254,11 +272,7 @@ class Worker:
                                          "run? check trainer.val_check_interval against the GRPO steps)")
             self.study.tell(trial, state=TrialState.FAIL)
             return TrialState.FAIL
-        vals = [iv[s] for s in sorted(iv)]
-        if self.cfg.objective.get("reduce", "last") == "best":
-            value = max(vals) if self.cfg.direction == "maximize" else min(vals)
-        else:
-            value = vals[-1]
+        value = reduce_curve([iv[s] for s in sorted(iv)], self.cfg.objective.get("reduce", "last"), self.cfg.direction)
         trial.set_user_attr("last_step", max(iv))
         self.study.tell(trial, value)
         log.info("trial %d COMPLETE: %s=%.4f", number, self.cfg.metric, value)

@@ -78,8 +78,9 @@ class SweepConfig:
         direction = self.objective.get("direction", "maximize")
         if direction not in ("maximize", "minimize"):
             raise ValueError(f"sweep objective.direction={direction!r} must be maximize or minimize")
-        if self.objective.get("reduce", "last") not in ("last", "best"):
-            raise ValueError("sweep objective.reduce must be 'last' (value at the end of the fit) or 'best'")
+        if self.objective.get("reduce", "last") not in ("last", "best", "mean"):
+            raise ValueError("sweep objective.reduce must be 'last' (value at the end of the fit), 'best' or "
+                             "'mean' (mean over the validations: the area under the learning curve)")
         if self.pruner.get("type", "median") not in _PRUNERS:
             raise ValueError(f"sweep pruner.type={self.pruner.get('type')!r} must be one of {_PRUNERS}")
         if self.sampler.get("type", "tpe") not in ("tpe", "random"):
