@@ -155,6 +155,30 @@ def paired_sums(before: Mapping[int, bool], after: Mapping[int, bool]) -> tuple[
     return len(d), sum(d), sum(x * x for x in d)
 
 
+def reward_trend(rewards: Sequence[float], frac: float = 0.2) -> dict[str, float | bool]:
+    """Did the training reward rise? The mean over the last ``frac`` of the steps against the first's,
+    with the standard error of the difference (each step's reward is one value; the two windows are
+    independent samples): ``learns`` when the difference exceeds 2 standard errors.
+
+    Half of the project's "learns" criterion for a GRPO recipe (the other half: greedy pass@1 above the
+    start, paired per problem); a flat or falling curve is a finding to chase before any study.
+    """
+    r = [float(x) for x in rewards]
+    w = max(2, int(round(frac * len(r))))
+    if len(r) < 2 * w:
+        raise ValueError(f"reward_trend needs at least {2 * w} steps, got {len(r)}")
+    first, last = r[:w], r[-w:]
+
+    def mean_var(v: list[float]) -> tuple[float, float]:
+        m = sum(v) / len(v)
+        return m, sum((x - m) ** 2 for x in v) / (len(v) - 1)
+
+    (m0, v0), (m1, v1) = mean_var(first), mean_var(last)
+    se = math.sqrt(v0 / w + v1 / w)
+    diff = m1 - m0
+    return {"first": m0, "last": m1, "diff": diff, "se": se, "window": w, "learns": bool(diff > 2 * se)}
+
+
 Z975 = 1.96
 """The normal 0.975 quantile as conventionally rounded (scipy: 1.95996...), used by :func:`binomial_ci95`."""
 

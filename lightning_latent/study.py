@@ -48,6 +48,13 @@ class Budget:
     diversity_grid: str = "full"  # "small": three settings only (tests)
     coconut_args: list[str] = field(default_factory=list)
     common: list[str] = field(default_factory=list)
+    # The start of every arm: the curriculum config (under experiments/configs/synthetic/) and whether the
+    # study's validation size is passed to it (a plateau-trained start judges its stages on its own
+    # validation set: it keeps that config's size, so the start is the same run as by hand).
+    start_config: str = "coconut.yaml"
+    start_val_limit: bool = True
+    # Validation pass@1 reported at these GRPO step counts (learning speed; multiples of val_interval)
+    curve_steps: tuple[int, ...] = ()
 
 
 BUDGETS = {
@@ -55,7 +62,13 @@ BUDGETS = {
     # What fits one 2-core sitting of ~2 h for 5 seeds: half the GRPO steps, a smaller validation set; the
     # test set stays at 2,000 problems (the statistical-power requirement).
     "reduced": Budget(grpo_steps=100, val_interval=50, val_limit=300),
+    # Issue 13: from the plateau-trained start (experiments/configs/synthetic/plateau.yaml, 36 min on 2
+    # cores per seed), the shipped recipe (dropout_grpo.yaml), validation on 2,000 problems every 10 steps
+    # (the learning-speed table), 5,000 test problems.
+    "plateau": Budget(grpo_steps=100, val_interval=10, val_limit=2000, test_limit=5000, start_config="plateau.yaml",
+                      start_val_limit=False, curve_steps=(10, 20, 50, 100)),
     "tiny": Budget(grpo_steps=2, val_interval=1, val_limit=8, test_limit=8, k=2, diversity_prompts=4, diversity_grid="small",
+                   curve_steps=(1, 2),
                    coconut_args=["--model.schedule",
                                  '[{"kind":"cot","steps":2},{"kind":"coconut","steps":1,"stages":[1,2,3]}]'],
                    common=["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
@@ -122,8 +135,9 @@ class Study:
         if done and Path(done["ckpt"]).exists():
             return done["ckpt"]  # (a missing checkpoint, e.g. on another machine, is rebuilt: same seed, same run)
         b = self.budget
-        vdir = self._run(["fit", "--config", str(CONFIGS / "coconut.yaml"), *self._seed_args(seed), *b.coconut_args,
-                          "--data.val_limit", str(b.val_limit)], "coconut", f"seed{seed}", cell)
+        val = ["--data.val_limit", str(b.val_limit)] if b.start_val_limit else []
+        vdir = self._run(["fit", "--config", str(CONFIGS / b.start_config), *self._seed_args(seed), *b.coconut_args,
+                          *val], "coconut", f"seed{seed}", cell)
         ckpt = vdir / "checkpoints" / "last.ckpt"
         return self._finish(cell, {"ckpt": str(ckpt), "seconds": None})["ckpt"]
 
@@ -150,8 +164,11 @@ class Study:
         curves = read_curves(vdir, ("grpo/frac_zero_std", "grpo/reward_mean", "grpo/frac_all_correct",
                                     "grpo/frac_all_wrong", "grpo/frac_mixed", "val/pass@1"))
         fz = curves.get("grpo/frac_zero_std", [])
+        summary = json.loads((vdir / "summary.json").read_text()) if (vdir / "summary.json").exists() else {}
+        start = [r for r in summary.get("phases", []) if r.get("phase") == "start"]
         return self._finish(cell, {"ckpt": str(best if best.exists() else vdir / "checkpoints" / "last.ckpt"),
                                    "frac_zero_std": sum(v for _, v in fz) / len(fz) if fz else float("nan"),
+                                   "start_val": start[0].get("val_pass@1") if start else None,
                                    "curves": curves, "seconds": round(time.perf_counter() - t, 1)})
 
     def evaluate(self, seed: int, tag: str, ckpt: str, arm_cfg: str | None) -> dict:
@@ -160,7 +177,7 @@ class Study:
         if done:
             return done
         b = self.budget
-        cfgs = ["--config", str(CONFIGS / "coconut.yaml")] if arm_cfg is None else \
+        cfgs = ["--config", str(CONFIGS / b.start_config)] if arm_cfg is None else \
             ["--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm_cfg}.yaml")]
         args = ["test", *cfgs, *self._seed_args(seed), "--ckpt_path", ckpt, "--data.test_limit", str(b.test_limit),
                 "--model.evaluation.k", str(b.k), "--model.evaluation.temperature", "1.0",
@@ -223,8 +240,9 @@ class Study:
                 if r and tr:
                     results.append({"arm": arm, "seed": s, **_summ(r), "frac_zero_std": tr["frac_zero_std"]})
                     per_problem[(arm, s)] = r["correct"]
-        cols = ["arm", "seed", "pass@1", f"maj@{self.budget.k}", f"pass@{self.budget.k}", "frac_zero_std", "n_eval"]
-        write_csv(self.out / "results.csv", [{c: r[c] for c in cols} for r in results])
+        cols = ["arm", "seed", "pass@1", "sampled_pass@1", f"maj@{self.budget.k}", f"pass@{self.budget.k}",
+                "frac_zero_std", "n_eval"]
+        write_csv(self.out / "results.csv", [{c: r.get(c, float("nan")) for c in cols} for r in results])
         self._write_md(results, per_problem, cols)
         self._plots(results)
         from .hparams import write_experiment
@@ -243,10 +261,19 @@ class Study:
             rs = [r for r in results if r["arm"] == arm]
             if not rs:
                 continue
-            cells = [_mean_pm([r[c] for r in rs]) for c in ("pass@1", f"maj@{k}", f"pass@{k}")]
+            cells = [_mean_pm([r.get(c, float("nan")) for r in rs]) for c in ("pass@1", "sampled_pass@1", f"maj@{k}", f"pass@{k}")]
             fz = [r["frac_zero_std"] for r in rs if not math.isnan(r["frac_zero_std"])]
             rows.append([arm, len(rs), *cells, f"{sum(fz) / len(fz):.2f}" if fz else "-"])
-        lines += [markdown_table(["arm", "seeds", "pass@1", f"maj@{k}", f"pass@{k}", "frac_zero_std (train)"], rows)]
+        lines += [markdown_table(["arm", "seeds", "pass@1 (greedy, unperturbed)", "sampled pass@1", f"maj@{k}",
+                                  f"pass@{k}", "frac_zero_std (train)"], rows)]
+        speed = self.learning_speed()
+        if speed:
+            steps = self.budget.curve_steps
+            lines += ["", f"## Learning speed: validation greedy pass@1 at GRPO steps {', '.join(map(str, steps))}", "",
+                      f"n={self.budget.val_limit} validation problems; mean ± 95% t-interval over seeds.", ""]
+            lines += [markdown_table(["arm", "seeds", "start", *[f"step {n}" for n in steps]],
+                                     [[arm, len(v["start"]), _mean_pm(v["start"]), *[_mean_pm(v[n]) if v[n] else "-" for n in steps]]
+                                      for arm, v in speed.items()])]
         lines += ["", "## Paired differences in test pass@1 (same problems, percentage points)", "",
                   "Per seed: mean of per-problem differences ± 95% t-interval over problems; across seeds: "
                   "mean ± 95% t-interval.", ""]
@@ -268,6 +295,30 @@ class Study:
         lines += [markdown_table(["comparison", "per seed", "across seeds"], rows)]
         lines += ["", f"Wall time of this invocation: {time.perf_counter() - self.t0:.0f} s."]
         (self.out / "results.md").write_text("\n".join(lines) + "\n")
+
+    def learning_speed(self) -> dict[str, dict]:
+        """Per arm: validation pass@1 of the start and at each ``curve_steps`` step count, one value per
+        seed (the train cells' validation curves; the i-th validation is at step (i + 1) * val_interval)."""
+        steps = self.budget.curve_steps
+        out: dict[str, dict] = {}
+        if not steps:
+            return out
+        for arm in self.arms:
+            v: dict = {"start": [], **{n: [] for n in steps}}
+            for s in range(self.seeds):
+                tr = self._done(f"train_{arm}_s{s}")
+                if not tr:
+                    continue
+                curve = [val for _, val in tr["curves"].get("val/pass@1", [])]
+                at = {(i + 1) * self.budget.val_interval: val for i, val in enumerate(curve)}
+                if tr.get("start_val") is not None:
+                    v["start"].append(tr["start_val"])
+                for n in steps:
+                    if n in at:
+                        v[n].append(at[n])
+            if any(v[n] for n in steps):
+                out[arm] = v
+        return out
 
     def _plots(self, results: list[dict]) -> None:
         import matplotlib
@@ -332,8 +383,11 @@ def score(rows: list[dict], k: int) -> dict:
         mk = [answers_equal(majority_vote(r["samples"][:k]), r["gold"]) for r in rows]
         out[f"pass@{k}"] = sum(pk) / len(rows)
         out[f"maj@{k}"] = sum(mk) / len(rows)
+        # sampled pass@1: the expected accuracy of one perturbed, sampled answer (pass@k at k=1)
+        out["sampled_pass@1"] = sum(pass_at_k(len(r["samples"]), sum(answers_equal(a, r["gold"]) for a in r["samples"]), 1)
+                                    for r in rows) / len(rows)
     else:
-        out[f"pass@{k}"] = out[f"maj@{k}"] = float("nan")
+        out[f"pass@{k}"] = out[f"maj@{k}"] = out["sampled_pass@1"] = float("nan")
     return out
 
 

@@ -254,3 +254,18 @@ def test_mean_and_ci95_from_sums_equals_the_direct_interval():
     assert m2 == pytest.approx(m) and h2 == pytest.approx(h)
     with pytest.raises(ValueError, match="n >= 1"):
         mean_and_ci95_from_sums(0, 0.0, 0.0)
+
+
+def test_reward_trend_needs_a_rise_beyond_two_standard_errors():
+    from lightning_latent.metrics import reward_trend
+
+    rising = [0.5, 0.52, 0.49, 0.51] + [0.6] * 12 + [0.70, 0.72, 0.69, 0.71]
+    t = reward_trend(rising)
+    assert t["window"] == 4 and t["first"] == pytest.approx(0.505) and t["last"] == pytest.approx(0.705)
+    se = math.sqrt(2 * (sum((x - 0.505) ** 2 for x in rising[:4]) / 3) / 4)  # same spread in both windows
+    assert t["se"] == pytest.approx(se) and t["learns"] is True
+    noisy = [0.5, 0.9, 0.1, 0.5] + [0.6] * 12 + [0.9, 0.3, 0.7, 0.5]  # +0.1 but within 2 SE
+    assert reward_trend(noisy)["learns"] is False
+    assert reward_trend(list(reversed(rising)))["learns"] is False
+    with pytest.raises(ValueError, match="at least 4 steps"):
+        reward_trend([0.1, 0.2, 0.3])

@@ -26,6 +26,8 @@ def test_score_and_intervals_by_hand():
     assert s["pass@2"] == pytest.approx(2 / 3)
     # maj@2: ties go to the first-seen answer -> "3" (correct), "4" (wrong), "7" (correct)
     assert s["maj@2"] == pytest.approx(2 / 3)
+    # sampled pass@1: the mean share of correct samples (1/2, 0, 1/2)
+    assert s["sampled_pass@1"] == pytest.approx(1 / 3)
     m, h = mean_and_ci95([0.2, 0.4])  # across seeds: t quantile with df = 1
     assert m == pytest.approx(0.3) and h == pytest.approx(12.7062047 * 0.14142135623730953 / 2 ** 0.5)
 
@@ -54,6 +56,8 @@ def test_ablate_tiny_writes_everything_and_resumes(tmp_path):
     assert (work / "tb" / "dropout_shared" / "seed0").is_dir() and not (out / "tb").exists()
     md = (out / "results.md").read_text()
     assert "dropout_shared − temperature" not in md and "dropout_shared − coconut_start" in md
+    assert "## Learning speed" in md and "step 2" in md  # validation pass@1 at the budget's step counts
+    assert all("sampled_pass@1" in r for r in rows)
     # Rerun: every cell is skipped (no new run directories, nothing retrained).
     before = sorted(p.name for p in (work / "cells").glob("*.json"))
     mtimes = {p: p.stat().st_mtime for p in (work / "cells").glob("*.json")}
