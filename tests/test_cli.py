@@ -63,7 +63,11 @@ def test_fit_writes_version_dir_and_summary_then_resumes(tmp_path):
     assert env["packages"]["torch"] and "cpu_count" in env
     summary = json.loads((v0 / "summary.json").read_text())
     assert [r["phase"] for r in summary["phases"]] == ["cot", "coconut", "dropout_grpo"]
-    assert summary["checks"][0]["check"] == "dropout_grpo above coconut (test pass@1)"
+    assert summary["checks"][0]["check"] == "dropout_grpo above coconut (test pass@1, paired)"
+    coconut, grpo = summary["phases"][1], summary["phases"][2]
+    # paired on the same 16 test problems: the mean per-problem difference is the difference of the means
+    assert grpo["test_paired_n"] == 16
+    assert grpo["test_paired_diff"] == pytest.approx(grpo["test_pass@1"] - coconut["test_pass@1"])
     for r in summary["phases"]:
         assert r["test_n"] == 16 and 0.0 <= r["test_pass@1"] <= 1.0 and "test_ci95" in r
     ck = torch.load(v0 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

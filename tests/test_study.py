@@ -77,3 +77,24 @@ def test_ablate_tiny_writes_everything_and_resumes(tmp_path):
     assert start.exists()
     again = json.loads((work / "cells" / "test_none_s0.json").read_text())
     assert again["correct"] == first["correct"] and again["pass@1"] == first["pass@1"]
+
+
+def test_plateau_budget_starts_from_the_plateau_config_as_run_by_hand(tmp_path, monkeypatch):
+    """The plateau start is plateau.yaml with its own validation size (its stages are judged on it), so
+    the study's start is the same run as `run.py fit --config plateau.yaml` with that seed."""
+    from lightning_latent.study import BUDGETS, Study
+
+    seen = []
+
+    def fake_run(self, args, name, version, cell):
+        seen.append(args)
+        return tmp_path / name / version
+
+    monkeypatch.setattr(Study, "_run", fake_run)
+    st = Study(tmp_path / "out", seeds=1, budget="plateau", work=tmp_path / "work")
+    st.coconut(0)
+    (args,) = seen
+    assert args[:3] == ["fit", "--config", str(ROOT / "experiments" / "configs" / "synthetic" / "plateau.yaml")]
+    assert "--data.val_limit" not in args and args[args.index("--seed_everything") + 1] == "0"
+    b = BUDGETS["plateau"]
+    assert b.test_limit >= 5000 and b.val_limit >= 2000 and all(n % b.val_interval == 0 for n in b.curve_steps)
