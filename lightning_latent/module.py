@@ -40,6 +40,15 @@ from .schedule import (DataPlan, Phase, PlateauWatch, Segment, data_plan, defaul
 log = logging.getLogger("lightning_latent")
 
 
+
+# The GRPO recipe found by the recipe search on the synthetic task (issue 13, docs/results/recipe/): 32
+# prompts x K=4 per step, mu=2, beta=0.01, lr 5e-5, every parameter trained. The module's defaults (and
+# so the embedded default run and the synthetic configs) use it; GRPOConfig / OptimConfig keep their
+# general-purpose defaults for other tasks, whose configs set their own (gsm8k/dropout_grpo.yaml).
+RECIPE_GRPO = GRPOConfig(group_size=4, beta=0.01, mu=2)
+RECIPE_OPTIM = OptimConfig(grpo_lr=5e-5)
+RECIPE_PROMPTS = 32
+
 class LatentReasoner(L.LightningModule):
     """Coconut model + mask sampler + GRPO loss, trained through a schedule of phases.
 
@@ -68,11 +77,11 @@ class LatentReasoner(L.LightningModule):
         curriculum: CurriculumConfig = CurriculumConfig(c_thought=1, max_latent_stage=3),
         schedule: list[Phase] | None = None,
         perturb: PerturbConfig = PerturbConfig(),
-        grpo: GRPOConfig = GRPOConfig(),
-        optim: OptimConfig = OptimConfig(),
+        grpo: GRPOConfig = RECIPE_GRPO,
+        optim: OptimConfig = RECIPE_OPTIM,
         evaluation: EvalConfig = EvalConfig(),
         batch_size: int = 64,
-        grpo_prompts: int = 16,
+        grpo_prompts: int = RECIPE_PROMPTS,
         max_length: int = 256,
         init_from: str | None = None,
         synthetic: SyntheticConfig = DEFAULT_SYNTHETIC,

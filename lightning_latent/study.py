@@ -153,7 +153,7 @@ class Study:
                 "--checkpoint.monitor", "val/pass@1", "--checkpoint.mode", "max", "--checkpoint.save_top_k", "1",
                 "--checkpoint.every_n_train_steps", "null", "--checkpoint.filename", "best"]
         spec = get_arm(arm)
-        extra = {"batch_size": 16, "lr": 1.0e-4} if spec.phase == "sft" else {}
+        extra = {"batch_size": 32, "lr": 1.0e-4} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
         if spec.start == "cot":  # the CoT model, at stage 0 with the CoT prompt layout
             extra["stages"] = [0]
         sched = [{"kind": spec.phase, "steps": b.grpo_steps, "name": arm, **extra}]

@@ -37,7 +37,10 @@ def main() -> None:
     storage = f"sqlite:///{src / 'study.db'}"
     name = args.study_name or optuna.get_all_study_names(storage)[0]
     study = optuna.load_study(study_name=name, storage=storage)
-    trials = pd.read_csv(src / "trials.csv")
+    # trials.csv is written when the driver ends; a running sweep's trials log to OUT/tb/<study>/trial_NNNN
+    trials = pd.read_csv(src / "trials.csv") if (src / "trials.csv").exists() else pd.DataFrame(
+        [{"number": t.number, "log_dir": str(src / "tb" / name / f"trial_{t.number:04d}")}
+         for t in study.get_trials(deepcopy=False)])
 
     curves, rewards, rows = [], [], []
     for t in study.get_trials(deepcopy=False):

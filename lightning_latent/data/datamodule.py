@@ -132,7 +132,7 @@ class LatentDataModule(L.LightningDataModule):
         val_size: int = 500,
         synthetic: SyntheticConfig = DEFAULT_SYNTHETIC,
         val_limit: int | None = 300,
-        test_limit: int | None = 500,
+        test_limit: int | None = 1000,
         eval_batch_size: int = 64,
         shuffle_buffer: int = 10_000,
         seed: int = 0,
