@@ -163,8 +163,8 @@ def default_schedule() -> list[Phase]:
     """The embedded default: CoT, the latent curriculum (3 stages: the 3-step synthetic problems end
     fully latent), then Dropout-GRPO. Balanced so that the latent model is trained before RL within about
     10 minutes on 2 CPU cores (docs/results/plateau/: the fully latent stage is where the steps go)."""
-    return [Phase("cot", steps=800), Phase("coconut", steps=[200, 300, 1000], stages=[1, 2, 3]),
-            Phase("grpo", steps=50, name="dropout_grpo")]
+    return [Phase("cot", steps=700), Phase("coconut", steps=[200, 300, 800], stages=[1, 2, 3]),
+            Phase("grpo", steps=40, name="dropout_grpo")]
 
 
 def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str, int], default_lr: dict[str, float]

@@ -57,9 +57,13 @@ def main() -> None:
                 r = list(df.sort_values("step").value)
         for i, v in enumerate(r):
             rewards.append({"trial": t.number, "step": i + 1, "reward_mean": v})
-        row = {"trial": t.number, "state": t.state.name, "value (mean val curve)": t.value,
-               **{k.replace("model.", ""): v for k, v in t.params.items()}}
         iv = t.intermediate_values
+        # the objective (mean of the validation curve) for every trial; a pruned trial's curve is shorter
+        # (Optuna stores its last reported value as its value, which is not comparable)
+        row = {"trial": t.number, "state": t.state.name, "steps": max(iv),
+               "mean val curve": sum(iv.values()) / len(iv),
+               **{k.replace("model.", ""): ("all" if k.endswith("trainable") and v is None else v)
+                  for k, v in t.params.items()}}
         for s in STEPS:
             row[f"val@{s}"] = iv.get(s)
         if len(r) >= 10:
@@ -69,7 +73,9 @@ def main() -> None:
                         "reward learns": tr["learns"]})
         row["error"] = t.user_attrs.get("error") or (t.system_attrs.get("ll:collapsed") or {}).get("message")
         rows.append(row)
-    table = pd.DataFrame(rows).sort_values("value (mean val curve)", ascending=False, na_position="last")
+    table = pd.DataFrame(rows)
+    table["_complete"] = table.state == "COMPLETE"
+    table = table.sort_values(["_complete", "mean val curve"], ascending=False).drop(columns="_complete")
     write_csv(out / "trials.csv", table)
     write_csv(out / "val_curves.csv", pd.DataFrame(curves))
     write_csv(out / "reward_curves.csv", pd.DataFrame(rewards))
