@@ -150,6 +150,7 @@ class Study:
         args = ["fit", "--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm}.yaml"),
                 *self._seed_args(seed), "--model.init_from", start, "--data.val_limit", str(b.val_limit),
                 "--trainer.val_check_interval", str(b.val_interval),
+                "--trainer.log_every_n_steps", "1",  # the training-reward curve at every step ("learns")
                 "--checkpoint.monitor", "val/pass@1", "--checkpoint.mode", "max", "--checkpoint.save_top_k", "1",
                 "--checkpoint.every_n_train_steps", "null", "--checkpoint.filename", "best"]
         spec = get_arm(arm)
