@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -168,13 +169,8 @@ def reward_trend(rewards: Sequence[float], frac: float = 0.2) -> dict[str, float
     if len(r) < 2 * w:
         raise ValueError(f"reward_trend needs at least {2 * w} steps, got {len(r)}")
     first, last = r[:w], r[-w:]
-
-    def mean_var(v: list[float]) -> tuple[float, float]:
-        m = sum(v) / len(v)
-        return m, sum((x - m) ** 2 for x in v) / (len(v) - 1)
-
-    (m0, v0), (m1, v1) = mean_var(first), mean_var(last)
-    se = math.sqrt(v0 / w + v1 / w)
+    m0, m1 = statistics.fmean(first), statistics.fmean(last)
+    se = math.sqrt((statistics.variance(first, m0) + statistics.variance(last, m1)) / w)  # sample variances
     diff = m1 - m0
     return {"first": m0, "last": m1, "diff": diff, "se": se, "window": w, "learns": bool(diff > 2 * se)}
 

@@ -39,8 +39,6 @@ from .schedule import (DataPlan, Phase, PlateauWatch, Segment, data_plan, defaul
 
 log = logging.getLogger("lightning_latent")
 
-
-
 # The GRPO recipe found by the recipe search on the synthetic task (issue 13, docs/results/recipe/): 32
 # prompts x K=4 per step, mu=2, beta=0.01, lr 5e-5, every parameter trained. The module's defaults (and
 # so the embedded default run and the synthetic configs) use it; GRPOConfig / OptimConfig keep their
@@ -48,6 +46,7 @@ log = logging.getLogger("lightning_latent")
 RECIPE_GRPO = GRPOConfig(group_size=4, beta=0.01, mu=2)
 RECIPE_OPTIM = OptimConfig(grpo_lr=5e-5)
 RECIPE_PROMPTS = 32
+
 
 class LatentReasoner(L.LightningModule):
     """Coconut model + mask sampler + GRPO loss, trained through a schedule of phases.

@@ -110,8 +110,8 @@ class Phase:
 
     kind: ``cot`` (stage 0, plain chain of thought, no latent markers), ``coconut`` (the latent
     curriculum: ``steps`` per stage over ``stages``; a list gives each stage its own, e.g. the fully
-    latent stage longer than the others, which is where a curriculum spends its time), ``grpo`` (RL post-training at the final stage)
-    or ``sft`` (supervised latent training at the final stage: the ``sft_continue`` control arm).
+    latent stage longer than the others, which is where a curriculum spends its time), ``grpo`` (RL
+    post-training at the final stage) or ``sft`` (supervised latent training at the final stage: the ``sft_continue`` control arm).
     name: label in logs and the summary (defaults to the kind).
     stages: coconut stages (default 1 .. max_latent_stage + 1; the last removes every language step);
     for grpo / sft the single stage trained (default max_latent_stage + 1).
@@ -178,9 +178,6 @@ def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str,
     for i, ph in enumerate(phases):
         if ph.kind not in ("cot", "coconut", "grpo", "sft"):
             raise ValueError(f"schedule[{i}].kind={ph.kind!r} is unknown; choose cot, coconut, grpo or sft")
-        per_stage = list(ph.steps) if isinstance(ph.steps, (list, tuple)) else None
-        if any(int(n) < 0 for n in (per_stage if per_stage is not None else [ph.steps])):
-            raise ValueError(f"schedule[{i}].steps={ph.steps} must be >= 0")
         if ph.batch_size is not None and ph.batch_size < 1:
             raise ValueError(f"schedule[{i}].batch_size={ph.batch_size} must be >= 1")
         if ph.kind == "cot":
@@ -194,17 +191,18 @@ def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str,
         for s in stages:
             if s < 0:
                 raise ValueError(f"schedule[{i}].stages contains {s}; stages are >= 0")
-        if per_stage is None:
-            per_stage = [ph.steps] * len(stages)
-        elif len(per_stage) != len(stages):
+        per_stage = [int(n) for n in ph.steps] if isinstance(ph.steps, (list, tuple)) else [int(ph.steps)] * len(stages)
+        if len(per_stage) != len(stages):
             raise ValueError(f"schedule[{i}].steps={ph.steps} gives {len(per_stage)} step counts for "
                              f"{len(stages)} stages {stages}; give one per stage or a single number")
+        if any(n < 0 for n in per_stage):
+            raise ValueError(f"schedule[{i}].steps={ph.steps} must be >= 0")
         plateau = PlateauRule(**ph.plateau) if isinstance(ph.plateau, dict) else ph.plateau
         if plateau is not None:
             plateau.validate(f"schedule[{i}]")
         group = "grpo" if ph.kind == "grpo" else "sft"
         for j, s in enumerate(stages):
-            n = int(per_stage[j])
+            n = per_stage[j]
             segs.append(Segment(i, ph.label, ph.kind, s, n, start, ph.batch_size or default_batch[group],
                                 ph.lr if ph.lr is not None else default_lr[group], j == 0, j == len(stages) - 1,
                                 plateau))

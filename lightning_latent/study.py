@@ -380,13 +380,13 @@ def score(rows: list[dict], k: int) -> dict:
     correct = [1.0 if r["correct"] else 0.0 for r in rows]
     out = {"pass@1": sum(correct) / len(rows), "n_eval": len(rows), "correct": correct}
     if rows and "samples" in rows[0]:
-        pk = [pass_at_k(len(r["samples"]), sum(answers_equal(a, r["gold"]) for a in r["samples"]), k) for r in rows]
+        right = [sum(answers_equal(a, r["gold"]) for a in r["samples"]) for r in rows]  # correct samples per problem
+        pk = [pass_at_k(len(r["samples"]), c, k) for r, c in zip(rows, right)]
         mk = [answers_equal(majority_vote(r["samples"][:k]), r["gold"]) for r in rows]
         out[f"pass@{k}"] = sum(pk) / len(rows)
         out[f"maj@{k}"] = sum(mk) / len(rows)
         # sampled pass@1: the expected accuracy of one perturbed, sampled answer (pass@k at k=1)
-        out["sampled_pass@1"] = sum(pass_at_k(len(r["samples"]), sum(answers_equal(a, r["gold"]) for a in r["samples"]), 1)
-                                    for r in rows) / len(rows)
+        out["sampled_pass@1"] = sum(pass_at_k(len(r["samples"]), c, 1) for r, c in zip(rows, right)) / len(rows)
     else:
         out[f"pass@{k}"] = out[f"maj@{k}"] = out["sampled_pass@1"] = float("nan")
     return out
