@@ -79,6 +79,14 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, candidates)
         self._last_time_checked = time.monotonic()
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        # A schedule ends at whatever global step its phases add up to (mu optimiser steps per GRPO step,
+        # stages shortened by their plateau rule), rarely a multiple of every_n_train_steps. Lightning saves
+        # last.ckpt at the end only if it never saved one, so last.ckpt would hold an earlier step (the
+        # default run's: the end of the latent curriculum, before GRPO). Save it at the final step.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
 
 class PhaseSummary(L.Callback):
     """At the end of every phase: greedy pass@1 (perturbation off) on validation and test, with the

@@ -171,3 +171,15 @@ def test_ddp_two_process_fit_disjoint_no_hang(tmp_path, task):
     s0 = {i for b in r0["seen"] for i in b}
     s1 = {i for b in r1["seen"] for i in b}
     assert s0 and s1 and not (s0 & s1)
+
+
+def test_last_checkpoint_is_the_final_step(tmp_path):
+    """The schedule ends at 3 + 2 + 2 x 2 = 9 optimiser steps (mu=2), not a multiple of every_n_train_steps=4:
+    last.ckpt must still hold the end of the run (what `test --ckpt_path last.ckpt` and a resume use), not
+    step 8 (the middle of GRPO)."""
+    sched = '[{"kind":"cot","steps":3},{"kind":"coconut","steps":2,"stages":[1]},{"kind":"grpo","steps":2,"name":"g"}]'
+    run(["fit", *TINY, "--model.schedule", sched, "--model.grpo.mu", "2", "--checkpoint.every_n_train_steps", "4",
+         "--trainer.val_check_interval", "100"], tmp_path)
+    ck = torch.load(tmp_path / "logs" / "default" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu",
+                    weights_only=False)
+    assert ck["schedule_state"]["step_count"] == 7 and ck["global_step"] == 9
