@@ -107,6 +107,26 @@ def test_space_constant_rollouts_and_command():
     assert tr[1:3] == ["-m", "torch.distributed.run"] and "--node_rank=1" in tr and "--trainer.num_nodes=2" in tr
 
 
+def test_grid_sweep_visits_each_point_once_and_stops(tmp_path, monkeypatch):
+    """sampler: {type: grid} (the dropout-rate search): every point once, in the driver's ask / tell loop,
+    and the worker stops when the grid is done although --n-trials asks for more."""
+    from lightning_latent.sweep.driver import Worker
+    cfg = load_sweep_config(TINY, sets=["sampler={type: grid, seed: 0}", "rollouts_per_step=null",
+                                        "space={model.perturb.p: {type: categorical, choices: [0.0, 0.1, 0.2]}}"])
+    with pytest.raises(ValueError, match="grid needs categorical"):
+        load_sweep_config(TINY, sets=["sampler={type: grid}"])  # tiny.yaml searches beta on a float range
+    worker = Worker(cfg, sqlite_url(tmp_path), "grid", tmp_path, Launch(devices=1), heartbeat_interval=None)
+
+    def fake_fit(trial, params):  # the objective without a fit: the value is the searched p
+        worker.study.tell(trial, params["model.perturb.p"])
+        return TrialState.COMPLETE
+    monkeypatch.setattr(worker, "_run_and_tell", fake_fit)
+    ran = worker.run(n_trials=10)
+    study = load(sqlite_url(tmp_path), "grid")
+    assert len(ran) == 3 and sorted(t.params["model.perturb.p"] for t in study.trials) == [0.0, 0.1, 0.2]
+    assert study.best_value == 0.2 and all(t.state == TrialState.COMPLETE for t in study.trials)
+
+
 def test_reporter_only_in_trials():
     assert callbacks_from_env({}) == []
     cbs = callbacks_from_env({"LL_OPTUNA_STORAGE": "sqlite:///x.db", "LL_OPTUNA_STUDY": "s", "LL_OPTUNA_TRIAL": "3",

@@ -193,6 +193,9 @@ class Worker:
             fail_stale(self.study)
             if len(counted(self.study.get_trials(deepcopy=False))) >= n_trials:
                 break
+            if self.cfg.grid_exhausted(self.study):  # a grid sweep ends with its grid, whatever --n-trials says
+                log.info("every point of the grid has a trial; stopping")
+                break
             trial = self.study.ask()
             trials = self.study.get_trials(deepcopy=False)
             before = [t for t in counted(trials) if t.number < trial.number]
@@ -208,8 +211,10 @@ class Worker:
         told = False
         with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
             try:
-                # A sampler seeded per trial number: reproducible, and distinct across workers.
-                self.study.sampler = self.cfg.make_sampler(seed_offset=trial.number)
+                # A sampler seeded per trial number: reproducible, and distinct across workers. Not a grid:
+                # its grid ids index a seed-dependent order, so the seed that assigned the id must sample it.
+                if self.cfg.sampler.get("type", "tpe") != "grid":
+                    self.study.sampler = self.cfg.make_sampler(seed_offset=trial.number)
                 params = self.cfg.suggest(trial)
                 state = self._run_and_tell(trial, params)
                 told = True

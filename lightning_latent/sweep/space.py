@@ -13,7 +13,7 @@ Example (``sweeps/dropout_grpo.yaml``)::
       model.grpo.beta: {type: float, low: 1.0e-4, high: 0.1, log: true}
     rollouts_per_step: constant        # prompts x K fixed when K is searched; an int; or null (off)
     objective: {metric: val/pass@1, direction: maximize, reduce: last}
-    sampler: {type: tpe, seed: 0, n_startup_trials: 5}
+    sampler: {type: tpe, seed: 0, n_startup_trials: 5}   # or random; or grid (categorical space only)
     pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 0}
 
 Relative paths (``base_config``, ``init_from``) are resolved against the current directory first,
@@ -83,8 +83,14 @@ class SweepConfig:
                              "'mean' (mean over the validations: the area under the learning curve)")
         if self.pruner.get("type", "median") not in _PRUNERS:
             raise ValueError(f"sweep pruner.type={self.pruner.get('type')!r} must be one of {_PRUNERS}")
-        if self.sampler.get("type", "tpe") not in ("tpe", "random"):
-            raise ValueError(f"sweep sampler.type={self.sampler.get('type')!r} must be tpe or random")
+        kind = self.sampler.get("type", "tpe")
+        if kind not in ("tpe", "random", "grid"):
+            raise ValueError(f"sweep sampler.type={kind!r} must be tpe, random or grid")
+        if kind == "grid":  # a grid needs every point named: only categorical parameters have them
+            loose = [n for n, spec in self.space.items() if spec["type"] != "categorical"]
+            if loose:
+                raise ValueError(f"sweep sampler.type=grid needs categorical parameters; {loose} are not "
+                                 "(list their values as choices)")
         rollouts = self.constant_rollouts()
         if rollouts is not None and GROUP_SIZE_KEY in self.space:
             spec = self.space[GROUP_SIZE_KEY]
@@ -185,11 +191,32 @@ class SweepConfig:
         seed = None if seed is None else int(seed) + seed_offset
         if kind == "random":
             return optuna.samplers.RandomSampler(seed=seed)
+        if kind == "grid":  # every combination once, in a seeded order; the study stops when the grid is done
+            return _AskTellGridSampler({n: list(sp["choices"]) for n, sp in self.space.items()}, seed=seed)
         spec.setdefault("constant_liar", True)  # parallel workers do not all sample the same point
         return optuna.samplers.TPESampler(seed=seed, **spec)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         return make_pruner(self.pruner)
+
+    def grid_exhausted(self, study: optuna.Study) -> bool:
+        """True when a grid sweep has asked for every point (a further ask would repeat one)."""
+        if self.sampler.get("type", "tpe") != "grid":
+            return False
+        points = 1
+        for spec in self.space.values():
+            points *= len(spec["choices"])
+        asked = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False)
+                 if t.state != optuna.trial.TrialState.FAIL and t.params}
+        return len(asked) >= points
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, for the driver's ask / tell loop: the stock one calls ``study.stop()`` after the
+    last point, which raises outside ``study.optimize``; the driver stops on ``grid_exhausted`` instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102 (see the class docstring)
+        return None
 
 
 def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
