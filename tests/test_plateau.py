@@ -26,6 +26,43 @@ def test_tracker_needs_a_gain_within_patience():
     assert not late.update(0.1, 10) and not late.update(0.1, 20) and late.update(0.1, 100)
 
 
+def _replay(rows: list[dict], rules: dict[str, PlateauRule]) -> list[tuple[str, int, int]]:
+    """Feed a recorded plateau curve to the tracker: (phase, stage, steps_in_stage) where each segment ends."""
+    ends, trackers, first = [], {}, {}
+    for r in rows:
+        seg = (r["phase"], int(r["stage"]))
+        if seg not in trackers:
+            trackers[seg], first[seg] = PlateauTracker(rules[r["phase"]]), int(r["step"])
+        done = int(r["step"]) - first[seg] + rules[r["phase"]].every
+        if trackers[seg].update(float(r["val_pass@1"]), done):
+            ends.append((*seg, done))
+    return ends
+
+
+def test_plateau_yaml_floor_keeps_seed0_and_saves_seed1():
+    """plateau.yaml's rule (min_steps 2,000) on the recorded curves: seed 0's segments end where they did
+    (the study's seed-0 start is still the run the config rebuilds); seed 1's fully latent stage, which the
+    rule without a floor ended at 1,250 steps and 22.6%, is not ended there."""
+    import csv
+    import json
+    from pathlib import Path
+
+    import yaml
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "experiments/configs/synthetic/plateau.yaml").read_text())
+    rules = {ph["kind"]: PlateauRule(**ph["plateau"]) for ph in cfg["model"]["schedule"]}
+    assert {r.min_steps for r in rules.values()} == {2000}
+    seed0 = json.loads((repo / "docs/results/plateau/summary.json").read_text())
+    want = [(s["phase"], s["stage"], s["steps"]) for s in seed0["segment_steps"]]
+    assert want == [("cot", 0, 2750), ("coconut", 1, 2000), ("coconut", 2, 2000), ("coconut", 3, 3750)]
+    assert _replay(seed0["plateau"], rules) == want
+    seed1 = list(csv.DictReader(open(repo / "docs/results/plateau/curves_seed1_min_steps0.csv")))
+    no_floor = {k: PlateauRule(every=r.every, patience=r.patience, min_gain=r.min_gain) for k, r in rules.items()}
+    assert _replay(seed1, no_floor) == [("cot", 0, 2500), ("coconut", 1, 1250), ("coconut", 2, 3000),
+                                        ("coconut", 3, 1250)]  # what happened
+    assert _replay(seed1, rules) == [("cot", 0, 2500), ("coconut", 2, 3000)]  # stages 1 and 3 go on
+
+
 def test_bad_rule_is_named():
     with pytest.raises(ValueError, match=r"schedule\[0\].plateau=.*every and patience must be >= 1"):
         flatten([Phase("cot", steps=10, plateau={"every": 0})], 3, {"sft": 8, "grpo": 2}, {"sft": 1e-3, "grpo": 1e-4})
