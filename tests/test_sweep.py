@@ -115,6 +115,9 @@ def test_grid_sweep_visits_each_point_once_and_stops(tmp_path, monkeypatch):
                                         "space={model.perturb.p: {type: categorical, choices: [0.0, 0.1, 0.2]}}"])
     with pytest.raises(ValueError, match="grid needs categorical"):
         load_sweep_config(TINY, sets=["sampler={type: grid}"])  # tiny.yaml searches beta on a float range
+    with pytest.raises(ValueError, match="must be tpe, random or grid"):
+        load_sweep_config(TINY, sets=["sampler={type: cmaes}"])
+    assert cfg.is_grid and not load_sweep_config(TINY).is_grid and load_sweep_config(TINY).sampler_kind == "tpe"
     worker = Worker(cfg, sqlite_url(tmp_path), "grid", tmp_path, Launch(devices=1), heartbeat_interval=None)
 
     def fake_fit(trial, params):  # the objective without a fit: the value is the searched p

@@ -213,7 +213,7 @@ class Worker:
             try:
                 # A sampler seeded per trial number: reproducible, and distinct across workers. Not a grid:
                 # its grid ids index a seed-dependent order, so the seed that assigned the id must sample it.
-                if self.cfg.sampler.get("type", "tpe") != "grid":
+                if not self.cfg.is_grid:
                     self.study.sampler = self.cfg.make_sampler(seed_offset=trial.number)
                 params = self.cfg.suggest(trial)
                 state = self._run_and_tell(trial, params)

@@ -83,10 +83,10 @@ class SweepConfig:
                              "'mean' (mean over the validations: the area under the learning curve)")
         if self.pruner.get("type", "median") not in _PRUNERS:
             raise ValueError(f"sweep pruner.type={self.pruner.get('type')!r} must be one of {_PRUNERS}")
-        kind = self.sampler.get("type", "tpe")
+        kind = self.sampler_kind
         if kind not in ("tpe", "random", "grid"):
             raise ValueError(f"sweep sampler.type={kind!r} must be tpe, random or grid")
-        if kind == "grid":  # a grid needs every point named: only categorical parameters have them
+        if self.is_grid:  # a grid needs every point named: only categorical parameters have them
             loose = [n for n, spec in self.space.items() if spec["type"] != "categorical"]
             if loose:
                 raise ValueError(f"sweep sampler.type=grid needs categorical parameters; {loose} are not "
@@ -184,6 +184,16 @@ class SweepConfig:
             ov["model.init_from"] = self.init_from
         return ov
 
+    @property
+    def sampler_kind(self) -> str:
+        """The sampler's ``type`` (``tpe`` when unset): one place that knows the default."""
+        return self.sampler.get("type", "tpe")
+
+    @property
+    def is_grid(self) -> bool:
+        """A grid sweep: categorical space, every point once, the driver stops when all are asked."""
+        return self.sampler_kind == "grid"
+
     def make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
         spec = dict(self.sampler)
         kind = spec.pop("type", "tpe")
@@ -201,7 +211,7 @@ class SweepConfig:
 
     def grid_exhausted(self, study: optuna.Study) -> bool:
         """True when a grid sweep has asked for every point (a further ask would repeat one)."""
-        if self.sampler.get("type", "tpe") != "grid":
+        if not self.is_grid:
             return False
         points = 1
         for spec in self.space.values():
