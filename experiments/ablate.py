@@ -8,8 +8,9 @@ Per seed: one Coconut checkpoint (experiments/configs/synthetic/coconut.yaml), t
 with the same budget; the diversity curve first. Writes DIR/results.csv, DIR/results.md,
 DIR/pass1_per_arm.png, DIR/training_curves.png, DIR/diversity.csv, DIR/diversity.png; all runs log to
 WORK/tb (--work, default DIR: one TensorBoard root; its HParams tab compares the runs; keep it outside the
-repository, it holds the checkpoints). A rerun with the same --out / --work skips finished cells and rebuilds
-a missing start checkpoint. --jobs N runs N cells at once, the cores split between them.
+repository, it holds the checkpoints). A rerun with the same --out / --work skips finished cells,
+continues an unfinished start from its last checkpoint, and rebuilds a missing start checkpoint.
+--jobs N runs N cells at once, the cores split between them.
 """
 import argparse
 import logging

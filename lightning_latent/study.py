@@ -3,7 +3,8 @@
 Every run is an ordinary ``experiments/run.py`` process (so every number here can be rerun by hand),
 logging to one TensorBoard root ``OUT/tb``. A cell (a Coconut checkpoint, an arm's training, a test
 evaluation) writes ``OUT/cells/<cell>.json`` when it finishes; a rerun with the same ``--out`` skips
-finished cells and restarts unfinished ones from scratch.
+finished cells, resumes an unfinished start (the long curriculum) from its ``last.ckpt``, and restarts
+other unfinished cells (a few minutes each) from scratch.
 
 Protocol (docs/design.md#protocol): each GRPO run keeps its best checkpoint by validation greedy pass@1;
 test numbers (greedy pass@1 with the perturbation off, pass@k and maj@k over k rollouts under ONE
@@ -69,8 +70,10 @@ BUDGETS = {
                       start_val_limit=False, curve_steps=(10, 20, 50, 100)),
     "tiny": Budget(grpo_steps=2, val_interval=1, val_limit=8, test_limit=8, k=2, diversity_prompts=4, diversity_grid="small",
                    curve_steps=(1, 2),
+                   # the start's own phase-end test (1,000 problems) is not used: its test cell scores it
                    coconut_args=["--model.schedule",
-                                 '[{"kind":"cot","steps":2},{"kind":"coconut","steps":1,"stages":[1,2,3]}]'],
+                                 '[{"kind":"cot","steps":2},{"kind":"coconut","steps":1,"stages":[1,2,3]}]',
+                                 "--data.test_limit", "8"],
                    common=["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
                            "--model.grpo_prompts", "2", "--model.grpo.group_size", "2", "--model.batch_size", "8",
                            "--model.grpo.max_new_tokens", "6", "--model.evaluation.max_new_tokens", "8",
@@ -108,15 +111,30 @@ class Study:
         (self.cells / f"{cell}.json").write_text(json.dumps(result, indent=2))
         return result
 
-    def _run(self, args: list[str], name: str, version: str, cell: str) -> Path:
+    def _run(self, args: list[str], name: str, version: str, cell: str, resumable: bool = False) -> Path:
+        """Run one cell's ``run.py`` process into ``tb/<name>/<version>``. An unfinished earlier attempt is
+        deleted and started again, unless ``resumable`` and it left a ``last.ckpt``: then the run continues
+        from that checkpoint in the same directory (resume is exact: tests/test_reliability.py), so a start
+        killed after 40 minutes loses at most the steps since its last checkpoint."""
         vdir = self.tb / name / version
+        last = vdir / "checkpoints" / "last.ckpt"
+        logf = self.cells / f"{cell}.log"
+        if resumable and last.exists():
+            log.info("cell %s: resuming the unfinished attempt from %s", cell, last)
+            (vdir / "config.yaml").unlink(missing_ok=True)  # the config saver never overwrites; this run's replaces it
+            try:
+                return self._run_process(cell, [*args, "--ckpt_path", str(last)], name, version, logf)
+            except RuntimeError as err:  # e.g. a checkpoint from other code: lose the attempt, not the study
+                log.warning("%s; starting the cell again from scratch", err)
         if vdir.exists():  # an unfinished earlier attempt: start the cell again from scratch
             shutil.rmtree(vdir)
+        logf.unlink(missing_ok=True)  # one attempt per log
+        return self._run_process(cell, args, name, version, logf)
+
+    def _run_process(self, cell: str, args: list[str], name: str, version: str, logf: Path) -> Path:
         cmd = [sys.executable, str(RUN_SCRIPT), *args, "--trainer.logger.init_args.save_dir", str(self.tb),
                "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", version,
                "--trainer.enable_progress_bar", "false"]
-        logf = self.cells / f"{cell}.log"
-        logf.unlink(missing_ok=True)  # one attempt per log: an unfinished earlier attempt starts again
         log.info("cell %s: %s", cell, " ".join(cmd))
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         if self.jobs > 1:  # cells in parallel share the cores: each gets its part of them
@@ -124,7 +142,7 @@ class Study:
         rc = run_process(cmd, env, logf, cwd=self.work)
         if rc != 0:
             raise RuntimeError(f"cell {cell} failed (exit {rc}); see {logf}")
-        return vdir
+        return self.tb / name / version
 
     def _seed_args(self, seed: int) -> list[str]:
         return ["--seed_everything", str(seed), "--data.seed", str(seed), *self.budget.common]
@@ -137,7 +155,7 @@ class Study:
         b = self.budget
         val = ["--data.val_limit", str(b.val_limit)] if b.start_val_limit else []
         vdir = self._run(["fit", "--config", str(CONFIGS / b.start_config), *self._seed_args(seed), *b.coconut_args,
-                          *val], "coconut", f"seed{seed}", cell)
+                          *val], "coconut", f"seed{seed}", cell, resumable=True)
         ckpt = vdir / "checkpoints" / "last.ckpt"
         return self._finish(cell, {"ckpt": str(ckpt), "seconds": None})["ckpt"]
 

@@ -86,7 +86,7 @@ def test_plateau_budget_starts_from_the_plateau_config_as_run_by_hand(tmp_path, 
 
     seen = []
 
-    def fake_run(self, args, name, version, cell):
+    def fake_run(self, args, name, version, cell, resumable=False):
         seen.append(args)
         return tmp_path / name / version
 
@@ -98,3 +98,61 @@ def test_plateau_budget_starts_from_the_plateau_config_as_run_by_hand(tmp_path, 
     assert "--data.val_limit" not in args and args[args.index("--seed_everything") + 1] == "0"
     b = BUDGETS["plateau"]
     assert b.test_limit >= 5000 and b.val_limit >= 2000 and all(n % b.val_interval == 0 for n in b.curve_steps)
+
+
+@pytest.mark.slow
+def test_an_unfinished_start_resumes_from_its_last_checkpoint(tmp_path):
+    """A start killed mid-curriculum (here: stopped at step 3 of 6, its cell never recorded) is continued
+    from its last.ckpt in the same run directory, not trained again from step 0, and ends with exactly the
+    weights of an uninterrupted start."""
+    from dataclasses import replace
+
+    import torch
+
+    from lightning_latent.study import BUDGETS, Study
+
+    sched = '[{"kind":"cot","steps":2},{"kind":"coconut","steps":2,"stages":[1,2]}]'
+    full = replace(BUDGETS["tiny"], coconut_args=["--model.schedule", sched, "--checkpoint.every_n_train_steps", "1",
+                                                  "--data.test_limit", "8"])
+    stopped = replace(full, coconut_args=[*full.coconut_args, "--trainer.max_steps", "3"])
+    work = tmp_path / "work"
+    Study(tmp_path / "out", seeds=1, budget=stopped, work=work, diversity=False).coconut(0)
+    (work / "cells" / "coconut_s0.json").unlink()  # as if killed at step 3: the cell was never recorded
+    ckpt = Study(tmp_path / "out", seeds=1, budget=full, work=work, diversity=False).coconut(0)
+
+    runs = [line for line in (work / "cells" / "coconut_s0.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(runs) == 2 and "--ckpt_path" not in runs[0] and "--ckpt_path" in runs[1]  # resumed, kept one log
+    resumed = torch.load(ckpt, map_location="cpu", weights_only=False)
+    ref = torch.load(Study(tmp_path / "out2", seeds=1, budget=full, work=tmp_path / "work2", diversity=False).coconut(0),
+                     map_location="cpu", weights_only=False)
+    assert resumed["schedule_state"]["step_count"] == ref["schedule_state"]["step_count"] == 6
+    assert resumed["state_dict"].keys() == ref["state_dict"].keys()
+    for k, v in ref["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+def test_a_start_whose_resume_fails_is_trained_again_from_scratch(tmp_path, monkeypatch):
+    """An unreadable last.ckpt (or one from other code) costs the attempt, not the study: the cell logs a
+    warning and starts again in a clean directory. Arm and test cells never resume."""
+    from lightning_latent.study import Study
+
+    st = Study(tmp_path / "out", seeds=1, budget="tiny", work=tmp_path / "work")
+    vdir = st.tb / "coconut" / "seed0"
+    (vdir / "checkpoints").mkdir(parents=True)
+    (vdir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    calls = []
+
+    def fake_process(self, cell, args, name, version, logf):
+        calls.append(("--ckpt_path" in args, (vdir / "checkpoints" / "last.ckpt").exists()))
+        if "--ckpt_path" in args:
+            raise RuntimeError(f"cell {cell} failed (exit 1); see {logf}")
+        return self.tb / name / version
+
+    monkeypatch.setattr(Study, "_run_process", fake_process)
+    st.coconut(0)
+    assert calls == [(True, True), (False, False)]  # resume tried, then a fresh run in an emptied directory
+    calls.clear()
+    (vdir / "checkpoints").mkdir(parents=True)
+    (vdir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    st._run(["fit"], "coconut", "seed0", "train_none_s0")  # not resumable: straight to a fresh run
+    assert calls == [(False, False)]
