@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .answers import answers_equal
-from .metrics import majority_vote, mean_and_ci95, pass_at_k
+from .metrics import majority_vote, mean_and_ci95, pass_at_k, reward_trend
 from .model.arms import get_arm, study_arms
 from .processes import REPO_ROOT, RUN_SCRIPT, run_process
 from .reporting import markdown_table, scalars, write_csv
@@ -34,6 +34,7 @@ log = logging.getLogger("lightning_latent.study")
 
 ARMS = study_arms()  # the arm registry (model/arms.py), in its order
 CONFIGS = REPO_ROOT / "experiments" / "configs" / "synthetic"
+MIN_TREND_POINTS = 50  # a training-reward curve judged by reward_trend: at least this many logged steps
 
 @dataclass
 class Budget:
@@ -293,6 +294,16 @@ class Study:
             lines += [markdown_table(["arm", "seeds", "start", *[f"step {n}" for n in steps]],
                                      [[arm, len(v["start"]), _mean_pm(v["start"]), *[_mean_pm(v[n]) if v[n] else "-" for n in steps]]
                                       for arm, v in speed.items()])]
+        trends = self.reward_trends()
+        if trends:
+            lines += ["", "## Training reward: first 20% of steps -> last 20% (rise / its standard error)", "",
+                      f"\"Learns\": a rise above 2 standard errors. Only curves logged at every step (>= "
+                      f"{MIN_TREND_POINTS} points) are judged.", ""]
+            lines += [markdown_table(["arm", "learns (seeds)", *[f"seed {s}" for s in range(self.seeds)]],
+                                     [[arm, f"{sum(t['learns'] for t in v.values())} / {len(v)}",
+                                       *[f"{v[s]['first']:.3f} -> {v[s]['last']:.3f} ({v[s]['diff'] / v[s]['se']:+.1f})"
+                                         if s in v else "-" for s in range(self.seeds)]]
+                                      for arm, v in trends.items()])]
         lines += ["", "## Paired differences in test pass@1 (same problems, percentage points)", "",
                   "Per seed: mean of per-problem differences ± 95% t-interval over problems; across seeds: "
                   "mean ± 95% t-interval.", ""]
@@ -314,6 +325,18 @@ class Study:
         lines += [markdown_table(["comparison", "per seed", "across seeds"], rows)]
         lines += ["", f"Wall time of this invocation: {time.perf_counter() - self.t0:.0f} s."]
         (self.out / "results.md").write_text("\n".join(lines) + "\n")
+
+    def reward_trends(self) -> dict[str, dict[int, dict]]:
+        """Per arm and seed: :func:`~lightning_latent.metrics.reward_trend` of the training reward, for the
+        curves logged at every step (older cells logged every 10 steps: too few points to judge)."""
+        out: dict[str, dict[int, dict]] = {}
+        for arm in self.arms:
+            for s in range(self.seeds):
+                tr = self._done(f"train_{arm}_s{s}")
+                rewards = [v for _, v in (tr or {}).get("curves", {}).get("grpo/reward_mean", [])]
+                if len(rewards) >= MIN_TREND_POINTS:
+                    out.setdefault(arm, {})[s] = reward_trend(rewards)
+        return out
 
     def learning_speed(self) -> dict[str, dict]:
         """Per arm: validation pass@1 of the start and at each ``curve_steps`` step count, one value per

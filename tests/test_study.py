@@ -156,3 +156,26 @@ def test_a_start_whose_resume_fails_is_trained_again_from_scratch(tmp_path, monk
     (vdir / "checkpoints" / "last.ckpt").write_bytes(b"x")
     st._run(["fit"], "coconut", "seed0", "train_none_s0")  # not resumable: straight to a fresh run
     assert calls == [(False, False)]
+
+
+def test_reward_trends_in_the_report(tmp_path):
+    """results.md judges each arm's training reward per seed ("learns": last 20% above the first 20% by
+    > 2 SE), only for curves logged at every step."""
+    from lightning_latent.study import Study
+
+    st = Study(tmp_path / "out", seeds=2, arms=("none", "temperature"), budget="plateau", work=tmp_path / "work")
+
+    def cell(name, rewards):
+        (st.cells / f"{name}.json").write_text(json.dumps({"curves": {"grpo/reward_mean": [
+            [i + 1, r] for i, r in enumerate(rewards)]}, "frac_zero_std": 0.5}))
+    cell("train_temperature_s0", [0.5 + 0.002 * i + 0.01 * (-1) ** i for i in range(100)])  # rises 0.16
+    cell("train_temperature_s1", [0.5 + 0.02 * i for i in range(10)])  # every 10 steps: not judged
+    cell("train_none_s0", [0.7 + 0.01 * (-1) ** i for i in range(100)])  # flat
+    trends = st.reward_trends()
+    assert set(trends) == {"none", "temperature"} and set(trends["temperature"]) == {0}
+    t = trends["temperature"][0]
+    assert t["learns"] and t["window"] == 20 and t["last"] - t["first"] == pytest.approx(0.16)
+    assert not trends["none"][0]["learns"] and trends["none"][0]["diff"] == pytest.approx(0.0, abs=1e-12)
+    st._write_md([], {}, [])
+    md = (st.out / "results.md").read_text()
+    assert "## Training reward" in md and "| temperature | 1 / 1 | 0.519 -> 0.679 (" in md and "| none | 0 / 1 |" in md
