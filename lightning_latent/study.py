@@ -392,8 +392,7 @@ class Study:
                 series = [t["curves"].get(n, []) for t in trs if t["curves"].get(n)]
                 if not series:
                     continue
-                steps = [s for s, _ in series[0]]
-                mean = [sum(ser[i][1] for ser in series if i < len(ser)) / len(series) for i in range(len(steps))]
+                steps, mean = mean_over_seeds(series)
                 ax.plot(steps, mean, label=arm)
         for ax, n in zip(axes, names):
             ax.set_title(n)
@@ -402,6 +401,17 @@ class Study:
         fig.tight_layout()
         fig.savefig(self.out / "training_curves.png", dpi=120)
         plt.close(fig)
+
+
+def mean_over_seeds(series: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """The mean curve of several seeds' ``(step, value)`` curves, matched by step, at the steps every seed
+    logged: seeds may log at different intervals (the study's older cells logged every 10 steps)."""
+    by_step: dict[int, list[float]] = {}
+    for ser in series:
+        for step, value in ser:
+            by_step.setdefault(int(step), []).append(value)
+    steps = sorted(st for st, vals in by_step.items() if len(vals) == len(series))
+    return steps, [sum(by_step[st]) / len(series) for st in steps]
 
 
 def _mean_pm(values: list[float], signed: bool = False) -> str:

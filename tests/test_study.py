@@ -179,3 +179,14 @@ def test_reward_trends_in_the_report(tmp_path):
     st._write_md([], {}, [])
     md = (st.out / "results.md").read_text()
     assert "## Training reward" in md and "| temperature | 1 / 1 | 0.519 -> 0.679 (" in md and "| none | 0 / 1 |" in md
+
+
+def test_mean_over_seeds_matches_steps_not_positions():
+    """Seeds logged at different intervals are averaged step by step, at the steps all of them logged
+    (before: by list position, so step 10 of one seed was averaged with step 1 of another)."""
+    from lightning_latent.study import mean_over_seeds
+
+    every_step = [(i, float(i)) for i in range(1, 21)]
+    every_tenth = [(10, 100.0), (20, 200.0)]
+    assert mean_over_seeds([every_tenth, every_step]) == ([10, 20], [55.0, 110.0])
+    assert mean_over_seeds([every_step]) == ([s for s, _ in every_step], [v for _, v in every_step])
