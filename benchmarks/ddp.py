@@ -50,7 +50,7 @@ def worker(rank: int, world: int, cfg: dict, port: int, out_dir: str) -> None:
     from lightning_latent.model.latent_lm import generate
     from lightning_latent.model.perturb import PerturbConfig, Perturber
     from lightning_latent.distributed import sync_grads
-    from lightning_latent.rl.grpo import group_advantages
+    from lightning_latent.rl.loss import group_advantages
     from lightning_latent.rl.rollout import RolloutBatch, rollout_seed
     from lightning_latent.rl.update import GRPOConfig, backward_micro_batches
 

@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     from train_step import rollout_batch, sft_loss, train_batch
 
     from lightning_latent.model.perturb import PerturbConfig, Perturber
-    from lightning_latent.rl.grpo import group_advantages, grpo_loss
+    from lightning_latent.rl.loss import group_advantages, grpo_loss
     from lightning_latent.rl.rollout import replay_logprobs
 
     n_p, k, bs = (2, 2, 4) if args.tiny else (16, 8, 32)

@@ -32,7 +32,7 @@ from common import (apply_threads, autocast, base_parser, build_setup, emit, mac
 from lightning_latent.data.layout import IGNORE, collate_prompts, collate_train  # noqa: E402
 from lightning_latent.model.latent_lm import generate  # noqa: E402
 from lightning_latent.model.perturb import PerturbConfig, Perturber  # noqa: E402
-from lightning_latent.rl.grpo import group_advantages  # noqa: E402
+from lightning_latent.rl.loss import group_advantages  # noqa: E402
 from lightning_latent.rl.rollout import RolloutBatch, rollout_seed  # noqa: E402
 from lightning_latent.rl.update import GRPOConfig, backward_micro_batches  # noqa: E402
 

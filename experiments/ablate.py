@@ -16,7 +16,7 @@ import argparse
 import logging
 
 from lightning_latent.helptext import description_first
-from lightning_latent.study import ARMS, BUDGETS, Study
+from lightning_latent.experiments.study import ARMS, BUDGETS, Study
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ from . import quiet
 from .callbacks import EnvironmentRecord, PhaseSummary, StepCheckpoint
 from .data.datamodule import LatentDataModule
 from .helptext import description_first
-from .hparams import HParamsSummary
+from .experiments.hparams import HParamsSummary
 from .module import LatentReasoner
 from .progress import ScheduleProgress
-from .sweep.report import callbacks_from_env as sweep_callbacks_from_env
+from .experiments.sweep.pruning import callbacks_from_env as sweep_callbacks_from_env
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,  # the schedule decides when a fit ends

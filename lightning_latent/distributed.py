@@ -31,6 +31,15 @@ def all_sum(t: Tensor) -> Tensor:
     return t
 
 
+def no_ddp_grad_sync(wrapped) -> None:
+    """Turn off DDP's own gradient all-reduce on ``wrapped`` (the strategy's model; anything else: no-op).
+
+    Lightning calls ``training_step`` through the DDP wrapper, whose reducer would all-reduce only the
+    first backward after its forward; :func:`sync_grads` averages every optimiser step's gradients instead."""
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        wrapped.require_backward_grad_sync = False
+
+
 def sync_grads(params: Iterable[torch.nn.Parameter]) -> None:
     """Average the gradients of ``params`` over ranks in place, with one flat all-reduce."""
     if not is_distributed():

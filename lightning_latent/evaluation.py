@@ -38,6 +38,16 @@ class EvalConfig:
     temperature: float = 1.0
     perturb: PerturbConfig | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.perturb, dict):
+            self.perturb = PerturbConfig(**self.perturb)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"evaluation.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.k < 0:
+            raise ValueError(f"evaluation.k={self.k} must be >= 0 (0 or 1: greedy pass@1 only)")
+        if self.temperature < 0:
+            raise ValueError(f"evaluation.temperature={self.temperature} must be >= 0 (0 = greedy)")
+
 
 class Evaluator:
     """Answers problems with a latent LM (see the module docstring)."""
@@ -63,6 +73,16 @@ class Evaluator:
                              f"(evaluation.max_new_tokens={self.cfg.max_new_tokens}): {err}") from err
         texts = self.tokenizer.batch_decode([t[: int(m.sum())] for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())])
         return [extract_answer(t) for t in texts], texts
+
+    def evaluate(self, records: list[Record], stage: int, cot: bool, metrics: "EvalMetrics",
+                 predictions: list[dict] | None = None) -> None:
+        """One batch of a validation / test loop: greedy answers (and ``cfg.k`` sampled ones when
+        ``k > 1``) into ``metrics``; per-problem rows appended to ``predictions`` when given."""
+        preds, texts = self.answer(records, stage, cot)
+        samples = self.sample(records, stage, self.cfg.k) if self.cfg.k > 1 else None
+        metrics.update(preds, [r.answer for r in records], samples)
+        if predictions is not None:
+            predictions.extend(prediction_rows(records, preds, texts, samples))
 
     @torch.no_grad()
     def sample(self, records: list[Record], stage: int, k: int) -> list[list[str | None]]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .distributed import all_sum
-from .rl.grpo import zero_std_groups
+from .rl.loss import zero_std_groups
 
 log = logging.getLogger("lightning_latent")
 
@@ -123,3 +123,21 @@ def stop_checkpoint(trainer, name: str) -> str:
     path = d / name
     trainer.save_checkpoint(path, weights_only=False)  # the full state, to resume from
     return str(path)
+
+
+def stop_on_collapse(trainer, rewards: Tensor, stats: dict[str, float], cfg, guard: CollapseGuard, step: int,
+                     device) -> None:
+    """:func:`check_rollouts`; when the collapse guard fires, stop the run with a checkpoint and raise
+    :class:`CollapseError` (a sweep records it as a bad trial)."""
+    msg = check_rollouts(rewards, stats, cfg, guard, step, device)
+    if msg is not None:
+        trainer.should_stop = True
+        path = stop_checkpoint(trainer, "collapse-stop.ckpt")
+        raise CollapseError(f"{msg}; checkpoint: {path}", value=float(rewards.mean() > 0.5))
+
+
+def stop_on_nonfinite(trainer, guard: NonFiniteGuard, step: int, ids) -> None:
+    """Too many non-finite updates in a row: stop the run with a checkpoint of the last good weights."""
+    trainer.should_stop = True
+    path = stop_checkpoint(trainer, "nonfinite-stop.ckpt")
+    raise RuntimeError(guard.message(step, ids, path)) from None

@@ -110,7 +110,7 @@ class ScheduleProgress(ProgressBar):
                                   redirect_stdout=True, redirect_stderr=True, refresh_per_second=4)
         self._progress.start()
         # Log handlers hold the stream they were given at import time: point them at the console's proxies.
-        for name in ("", "lightning.pytorch", "lightning.fabric", "lightning_latent", "lightning_latent.study"):
+        for name in ("", "lightning.pytorch", "lightning.fabric", "lightning_latent", "lightning_latent.experiments.study"):
             for h in logging.getLogger(name).handlers:
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                     old = h.stream

@@ -1,13 +1,21 @@
 """The phase schedule: which phases a run trains, in which order, for how many steps.
 
 A schedule is a list of :class:`Phase`; it is flattened into :class:`Segment` s, one per (phase,
-stage). The module's step counter alone says where a run is (phase, stage, step in stage), which is
-what makes ``--ckpt_path`` resume at the exact place a run stopped.
+stage). :class:`Schedule` holds the segments and the step counter, which alone says where a run is
+(phase, stage, step in stage): that is what makes ``--ckpt_path`` resume at the exact place a run
+stopped, and what the data module's plan of records is computed from (:meth:`Schedule.data_plan`).
+:class:`PlateauWatch` ends a segment early once validation stops improving.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
+
+import logging
+
+import torch
+
+log = logging.getLogger("lightning_latent")
 
 PhaseKind = Literal["cot", "coconut", "grpo", "sft"]
 
@@ -33,9 +41,9 @@ class PlateauRule:
     min_steps: int = 0
     restore_best: bool = False
 
-    def validate(self, where: str) -> None:
+    def __post_init__(self) -> None:
         if self.every < 1 or self.patience < 1 or self.min_gain < 0 or self.min_steps < 0:
-            raise ValueError(f"{where}.plateau={self}: every and patience must be >= 1, min_gain and min_steps >= 0")
+            raise ValueError(f"plateau={self}: every and patience must be >= 1, min_gain and min_steps >= 0")
 
 
 class PlateauTracker:
@@ -56,14 +64,14 @@ class PlateauTracker:
 
 
 class PlateauWatch:
-    """The plateau rule over a whole schedule: when a segment is due for an evaluation, its tracker, and
-    every evaluation so far (the learning curves, saved in checkpoints and in ``summary.json``)."""
+    """The plateau rule over a whole schedule: when a segment is due for an evaluation, its tracker, every
+    evaluation so far (the learning curves, saved in checkpoints and in ``summary.json``) and, with
+    ``restore_best``, a CPU copy of the weights of the segment's best evaluation so far."""
 
     def __init__(self) -> None:
         self.index: int | None = None  # the segment the tracker belongs to
         self.tracker: PlateauTracker | None = None
         self.history: list[dict] = []
-        # restore_best: the weights (CPU copies) of the segment's best evaluation so far, and its step
         self.best_state: dict | None = None
         self.best_step: int | None = None
 
@@ -73,20 +81,32 @@ class PlateauWatch:
         done = step - seg.start
         return seg.plateau is not None and done % seg.plateau.every == 0 and step < seg.end
 
-    def record(self, segments: list["Segment"], seg: "Segment", step: int, value: float, n: int) -> bool:
-        """One evaluation of ``seg`` (validation pass@1 ``value`` over ``n`` problems); True when the
-        segment ends here (its length is then set to the steps done and later segments move up)."""
-        index, done = segments.index(seg), step - seg.start
+    def record(self, schedule: "Schedule", seg: "Segment", value: float, n: int, model: torch.nn.Module) -> bool:
+        """One evaluation of ``seg`` after ``schedule.step`` steps (validation pass@1 ``value`` over ``n``
+        problems). Returns True when the segment ends here: its length is then set to the steps done (later
+        segments move up) and, with ``restore_best``, ``model`` gets the weights of its best evaluation."""
+        index, step = schedule.segments.index(seg), schedule.step
+        done = step - seg.start
         if self.index != index:
             self.index, self.tracker = index, PlateauTracker(seg.plateau)
             self.best_state = self.best_step = None
         self.history.append({"phase": seg.name, "stage": seg.stage, "step": step, "steps_in_stage": done,
                              "val_pass@1": value, "val_n": n})
-        if not self.tracker.update(value, done):
+        ended = self.tracker.update(value, done)
+        if seg.plateau.restore_best and self.tracker.improved:
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best_step = step
+        if not ended:
             return False
-        lengths = [s.steps for s in segments]
-        lengths[index] = done
-        set_lengths(segments, lengths)
+        schedule.end_segment(index, done)
+        log.info("%s stage %d ends at its plateau after %d steps (best validation pass@1 %.3f)", seg.name,
+                 seg.stage, seg.steps, self.tracker.best)
+        if seg.plateau.restore_best and self.best_state is not None:
+            model.load_state_dict(self.best_state)
+            self.history[-1]["restored_step"] = self.best_step
+            log.info("%s stage %d: restored the weights of step %d (validation pass@1 %.3f)", seg.name,
+                     seg.stage, self.best_step, self.tracker.best)
+            self.best_state = None
         return True
 
     def state_dict(self) -> dict:
@@ -111,12 +131,14 @@ class Phase:
     kind: ``cot`` (stage 0, plain chain of thought, no latent markers), ``coconut`` (the latent
     curriculum: ``steps`` per stage over ``stages``; a list gives each stage its own, e.g. the fully
     latent stage longer than the others, which is where a curriculum spends its time), ``grpo`` (RL
-    post-training at the final stage) or ``sft`` (supervised latent training at the final stage: the ``sft_continue`` control arm).
+    post-training at the final stage) or ``sft`` (supervised latent training at the final stage: the
+    ``sft_continue`` control arm).
     name: label in logs and the summary (defaults to the kind).
     stages: coconut stages (default 1 .. max_latent_stage + 1; the last removes every language step);
     for grpo / sft the single stage trained (default max_latent_stage + 1).
-    batch_size: records per step on each rank (grpo: prompts per step; None: the module default).
-    lr: learning rate of this phase (None: the module default for the kind).
+    batch_size: records per step on each rank (grpo: prompts per step; None: the module's ``batch_size``
+        or ``grpo_prompts``).
+    lr: learning rate of this phase (None: ``optim.lr``, or ``optim.grpo_lr`` for grpo).
     plateau: end each of the phase's segments early once validation pass@1 stops improving
         (:class:`PlateauRule`; ``steps`` is then the cap). None: exactly ``steps`` steps.
     """
@@ -128,6 +150,19 @@ class Phase:
     batch_size: int | None = None
     lr: float | None = None
     plateau: PlateauRule | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cot", "coconut", "grpo", "sft"):
+            raise ValueError(f"schedule kind={self.kind!r} is unknown; choose cot, coconut, grpo or sft")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"schedule ({self.label}) batch_size={self.batch_size} must be >= 1")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"schedule ({self.label}) lr={self.lr} must be > 0")
+        steps = self.steps if isinstance(self.steps, (list, tuple)) else [self.steps]
+        if any(int(n) < 0 for n in steps):
+            raise ValueError(f"schedule ({self.label}) steps={self.steps} must be >= 0")
+        if isinstance(self.plateau, dict):
+            self.plateau = PlateauRule(**self.plateau)
 
     @property
     def label(self) -> str:
@@ -169,17 +204,13 @@ def default_schedule() -> list[Phase]:
 
 def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str, int], default_lr: dict[str, float]
             ) -> list[Segment]:
-    """Phases -> segments with absolute start steps; validates every value with a clear message."""
+    """Phases -> segments with absolute start steps; checks the stages against the curriculum."""
     if not phases:
         raise ValueError("schedule is empty: give at least one phase")
     segs: list[Segment] = []
     start = 0
     final = max_latent_stage + 1
     for i, ph in enumerate(phases):
-        if ph.kind not in ("cot", "coconut", "grpo", "sft"):
-            raise ValueError(f"schedule[{i}].kind={ph.kind!r} is unknown; choose cot, coconut, grpo or sft")
-        if ph.batch_size is not None and ph.batch_size < 1:
-            raise ValueError(f"schedule[{i}].batch_size={ph.batch_size} must be >= 1")
         if ph.kind == "cot":
             stages = [0]
         elif ph.kind == "coconut":
@@ -195,17 +226,12 @@ def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str,
         if len(per_stage) != len(stages):
             raise ValueError(f"schedule[{i}].steps={ph.steps} gives {len(per_stage)} step counts for "
                              f"{len(stages)} stages {stages}; give one per stage or a single number")
-        if any(n < 0 for n in per_stage):
-            raise ValueError(f"schedule[{i}].steps={ph.steps} must be >= 0")
-        plateau = PlateauRule(**ph.plateau) if isinstance(ph.plateau, dict) else ph.plateau
-        if plateau is not None:
-            plateau.validate(f"schedule[{i}]")
         group = "grpo" if ph.kind == "grpo" else "sft"
         for j, s in enumerate(stages):
             n = per_stage[j]
             segs.append(Segment(i, ph.label, ph.kind, s, n, start, ph.batch_size or default_batch[group],
                                 ph.lr if ph.lr is not None else default_lr[group], j == 0, j == len(stages) - 1,
-                                plateau))
+                                ph.plateau))
             start += n
     return segs
 
@@ -216,11 +242,6 @@ def locate(segments: list[Segment], step: int) -> Segment:
         if s.start <= step < s.end:
             return s
     return segments[-1]
-
-
-def shrink_to_one_step(segments: list[Segment]) -> int:
-    """``fast_dev_run``: one step of every segment (restarting the start steps); returns the new total."""
-    return set_lengths(segments, [1 if s.steps > 0 else 0 for s in segments])
 
 
 class DataPlan(NamedTuple):
@@ -250,3 +271,59 @@ def set_lengths(segments: list[Segment], lengths: list[int]) -> int:
         s.start, s.steps = k, int(n)
         k += s.steps
     return k
+
+
+class Schedule:
+    """The run's segments and its step counter (completed schedule steps): where the run is.
+
+    The module owns it and hands it to the data module once (``LatentDataModule.follow``), which builds
+    each training loader from :meth:`data_plan`; everything that changes where the run is (a step done,
+    a segment ended by its plateau rule, a resume, ``fast_dev_run``) changes it in place, so both see the
+    same state without calling each other."""
+
+    def __init__(self, segments: list[Segment]):
+        self.segments = segments
+        self.step = 0
+        self.epoch_over = False  # a segment ended early: the current loader's remaining batches are not used
+
+    @property
+    def total(self) -> int:
+        return self.segments[-1].end
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total
+
+    @property
+    def segment(self) -> Segment:
+        """The segment of the next step (the last one once the schedule is done)."""
+        return locate(self.segments, self.step)
+
+    def data_plan(self) -> DataPlan:
+        return data_plan(self.segments, self.step)
+
+    def end_segment(self, index: int, steps: int) -> None:
+        """Segment ``index`` ends after ``steps`` steps (its plateau rule fired); later segments move up."""
+        lengths = [s.steps for s in self.segments]
+        lengths[index] = steps
+        set_lengths(self.segments, lengths)
+        self.epoch_over = True
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        set_lengths(self.segments, lengths)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint records of where the run is (``schedule_state``): the step counter (what a
+        resume restores), the segment lengths (plateau-shortened stages), and for readers the place."""
+        seg = self.segment
+        return {"step_count": self.step, "phase": seg.name, "kind": seg.kind, "stage": seg.stage,
+                "step_in_stage": self.step - seg.start, "segment_steps": [s.steps for s in self.segments]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step_count"])
+        if len(state.get("segment_steps", ())) == len(self.segments):  # checkpoints of the same schedule
+            set_lengths(self.segments, state["segment_steps"])
+
+    def shrink_to_one_step(self) -> None:
+        """``fast_dev_run``: one step of every segment that has any."""
+        set_lengths(self.segments, [1 if s.steps > 0 else 0 for s in self.segments])

@@ -5,7 +5,7 @@
 #
 # Needs `tensorboard` (a project dependency) and Debian's `chromium` (apt-get install -y chromium; not
 # needed by CI). Write the experiment description first for several runs (the ablation study and the
-# sweep do it themselves): python -m lightning_latent.hparams LOGDIR. See docs/screenshots.md.
+# sweep do it themselves): python -m lightning_latent.experiments.hparams LOGDIR. See docs/screenshots.md.
 set -euo pipefail
 LOGDIR=${1:?usage: $0 LOGDIR [OUT.png]}
 OUT=${2:-docs/images/hparams.png}

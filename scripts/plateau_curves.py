@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lightning_latent.reporting import scalars  # noqa: E402
+from lightning_latent.experiments.reporting import scalars  # noqa: E402
 
 
 def curves(run_dir: Path) -> list[dict]:

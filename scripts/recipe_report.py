@@ -20,7 +20,7 @@ import optuna
 import pandas as pd
 
 from lightning_latent.metrics import reward_trend
-from lightning_latent.reporting import markdown_table, scalars, write_csv
+from lightning_latent.experiments.reporting import markdown_table, scalars, write_csv
 
 STEPS = (10, 20, 50, 100)
 

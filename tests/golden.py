@@ -49,14 +49,19 @@ class _Recorder(L.Callback):
 
 
 
+#: The settings of the recording that later became other defaults (the synthetic recipe: grpo_lr 5e-5,
+#: beta 0.01, mu 2), pinned so that the recording stays comparable with any later default.
+PINNED_GRPO = {"beta": 0.0, "mu": 1}
+
+
 def _pinned_optim() -> dict:
-    """The optimiser settings of the recording (the dataclass defaults, grpo_lr 1e-4), passed explicitly:
-    the module's own defaults became the synthetic recipe (lr 5e-5) after it was recorded."""
+    """The optimiser settings of the recording (grpo_lr 1e-4), passed explicitly."""
     try:
         from lightning_latent.optim import OptimConfig
     except ImportError:  # before the refactor: the module default was the recording's
         return {}
-    return {"optim": OptimConfig()}
+    return {"optim": OptimConfig(grpo_lr=1e-4)}
+
 
 def run_setting(name: str, root: str) -> dict:
     """Two GRPO steps of a tiny model under setting ``name``: gradients, metrics, final weights."""
@@ -77,7 +82,8 @@ def run_setting(name: str, root: str) -> dict:
     prompts = 3 if name == "dynamic" else 2
     module = LatentReasoner(**{key: backbone}, curriculum=CurriculumConfig(c_thought=1, max_latent_stage=2),
                             schedule=[Phase("grpo", steps=2)], grpo_prompts=prompts,
-                            grpo=GRPOConfig(group_size=4, max_new_tokens=4, reward="text_hash", **SETTINGS[name]),
+                            grpo=GRPOConfig(group_size=4, max_new_tokens=4, reward="text_hash",
+                                            **{**PINNED_GRPO, **SETTINGS[name]}),
                             **_pinned_optim())
     rec = _Recorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lightning_latent import compare
-from lightning_latent.hparams import flatten_hparams
+from lightning_latent.experiments import compare
+from lightning_latent.experiments.hparams import flatten_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the GRPO loss pieces (lightning_latent.rl.grpo, lightning_latent.rl.rewards)."""
+"""Hand-computed checks of the GRPO loss pieces (lightning_latent.rl.loss, lightning_latent.rl.rewards)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_latent.rl.grpo import (
+from lightning_latent.rl.loss import (
     grpo_loss,
     group_advantages,
     group_stats,

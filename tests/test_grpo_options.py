@@ -1,4 +1,4 @@
-"""Hand-computed checks of the TRL-compatibility options of lightning_latent.rl.grpo.
+"""Hand-computed checks of the TRL-compatibility options of lightning_latent.rl.loss.
 
 ``group_advantages(..., std_kind="sample")`` and ``grpo_loss(..., kl_importance_ratio=True)``; their
 agreement with TRL itself is in ``tests/test_trl_conformance.py`` (needs trl).
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lightning_latent.rl.grpo import grpo_loss, group_advantages
+from lightning_latent.rl.loss import grpo_loss, group_advantages
 
 R = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.3, 0.3, 0.3]])
 

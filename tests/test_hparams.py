@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from tensorboard.plugins.hparams import metadata
 
-from lightning_latent import compare
-from lightning_latent.hparams import write_experiment
-from lightning_latent.reporting import read_events
+from lightning_latent.experiments import compare
+from lightning_latent.experiments.hparams import write_experiment
+from lightning_latent.experiments import reporting
+from lightning_latent.experiments.reporting import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
@@ -46,8 +47,8 @@ def two_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_hparams_read_back(two_runs):
-    none = compare._hparams_from_plugin(read_events(two_runs / "none" / "version_0"))
-    drop = compare._hparams_from_plugin(read_events(two_runs / "dropout" / "version_0"))
+    none = reporting.hparams_from_plugin(read_events(two_runs / "none" / "version_0"))
+    drop = reporting.hparams_from_plugin(read_events(two_runs / "dropout" / "version_0"))
     assert drop["arm"] == "dropout_shared" and drop["p"] == pytest.approx(0.1) and drop["K"] == 3
     assert drop["sites"] and drop["scope"] and drop["task"] == "synthetic" and "seed" in drop and "lr" in drop
     assert none["arm"] == "none" and none["K"] == 2 and "beta" in none and "mu" in none and "prompts" in none

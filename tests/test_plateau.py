@@ -64,8 +64,9 @@ def test_plateau_yaml_floor_keeps_seed0_and_saves_seed1():
 
 
 def test_bad_rule_is_named():
-    with pytest.raises(ValueError, match=r"schedule\[0\].plateau=.*every and patience must be >= 1"):
-        flatten([Phase("cot", steps=10, plateau={"every": 0})], 3, {"sft": 8, "grpo": 2}, {"sft": 1e-3, "grpo": 1e-4})
+    """A bad rule is refused when its phase is made (a YAML's dict included), naming the value."""
+    with pytest.raises(ValueError, match=r"plateau=PlateauRule\(every=0.*every and patience must be >= 1"):
+        Phase("cot", steps=10, plateau={"every": 0})
 
 
 class Trace(L.Callback):
@@ -156,5 +157,5 @@ def test_a_coconut_phase_can_give_each_stage_its_own_steps():
     assert [(s.stage, s.start, s.steps) for s in segs] == [(0, 0, 5), (1, 5, 2), (2, 7, 3), (3, 10, 7)]
     with pytest.raises(ValueError, match=r"schedule\[0\].steps=\[2, 3\] gives 2 step counts for 3 stages"):
         flatten([Phase("coconut", steps=[2, 3], stages=[1, 2, 3])], 3, {"sft": 8, "grpo": 2}, {"sft": 1e-3, "grpo": 1e-4})
-    with pytest.raises(ValueError, match="must be >= 0"):
-        flatten([Phase("coconut", steps=[2, -1], stages=[1, 2])], 3, {"sft": 8, "grpo": 2}, {"sft": 1e-3, "grpo": 1e-4})
+    with pytest.raises(ValueError, match=r"steps=\[2, -1\] must be >= 0"):
+        Phase("coconut", steps=[2, -1], stages=[1, 2])

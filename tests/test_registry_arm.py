@@ -26,11 +26,11 @@ def test_builtin_arms_and_what_derives_from_them():
     assert [a for a in ARMS if ARMS[a].start == "cot"] == ["cot_grpo"]
     assert [a for a in ARMS if ARMS[a].greedy_answers] == ["none"]
     assert [a for a in ARMS if ARMS[a].phase == "sft"] == ["sft_continue"]
-    assert PerturbConfig(arm="dropout_per_step").spec.per_step and PerturbConfig(arm="dropout_shared").is_dropout
-    assert not PerturbConfig(arm="gaussian").spec.uses_sites and PerturbConfig(arm="gaussian").active
+    assert PerturbConfig(arm="dropout_per_step").arm_entry.per_step and PerturbConfig(arm="dropout_shared").is_dropout
+    assert not PerturbConfig(arm="gaussian").arm_entry.uses_sites and PerturbConfig(arm="gaussian").active
     assert not PerturbConfig(arm="temperature").active
     with pytest.raises(ValueError, match=r"perturb.arm='nope' is unknown; choose one of \("):
-        PerturbConfig(arm="nope").validate()
+        PerturbConfig(arm="nope")
     assert "uniform_thought" not in study_arms()  # a registered arm outside the study's default list
 
 

@@ -14,7 +14,7 @@ import torch
 from lightning_latent.data.layout import CurriculumConfig, Layout
 from lightning_latent.model.latent_lm import LatentLM, positions_from_mask
 from lightning_latent.model.perturb import PerturbConfig, Perturber
-from lightning_latent.rl.grpo import group_advantages, group_stats, grpo_loss, sequence_logprobs
+from lightning_latent.rl.loss import group_advantages, group_stats, grpo_loss, sequence_logprobs
 from lightning_latent.rl.rollout import replay_logprobs, rollout, rollout_seed
 
 from conftest import tiny_trainer, tiny_gpt2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lightning_latent.metrics import mean_and_ci95
-from lightning_latent.study import score
+from lightning_latent.experiments.study import score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_ablate_tiny_writes_everything_and_resumes(tmp_path):
 def test_plateau_budget_starts_from_the_plateau_config_as_run_by_hand(tmp_path, monkeypatch):
     """The plateau start is plateau.yaml with its own validation size (its stages are judged on it), so
     the study's start is the same run as `run.py fit --config plateau.yaml` with that seed."""
-    from lightning_latent.study import BUDGETS, Study
+    from lightning_latent.experiments.study import BUDGETS, Study
 
     seen = []
 
@@ -109,7 +109,7 @@ def test_an_unfinished_start_resumes_from_its_last_checkpoint(tmp_path):
 
     import torch
 
-    from lightning_latent.study import BUDGETS, Study
+    from lightning_latent.experiments.study import BUDGETS, Study
 
     sched = '[{"kind":"cot","steps":2},{"kind":"coconut","steps":2,"stages":[1,2]}]'
     full = replace(BUDGETS["tiny"], coconut_args=["--model.schedule", sched, "--checkpoint.every_n_train_steps", "1",
@@ -134,7 +134,7 @@ def test_an_unfinished_start_resumes_from_its_last_checkpoint(tmp_path):
 def test_a_start_whose_resume_fails_is_trained_again_from_scratch(tmp_path, monkeypatch):
     """An unreadable last.ckpt (or one from other code) costs the attempt, not the study: the cell logs a
     warning and starts again in a clean directory. Arm and test cells never resume."""
-    from lightning_latent.study import Study
+    from lightning_latent.experiments.study import Study
 
     st = Study(tmp_path / "out", seeds=1, budget="tiny", work=tmp_path / "work")
     vdir = st.tb / "coconut" / "seed0"
@@ -161,7 +161,7 @@ def test_a_start_whose_resume_fails_is_trained_again_from_scratch(tmp_path, monk
 def test_reward_trends_in_the_report(tmp_path):
     """results.md judges each arm's training reward per seed ("learns": last 20% above the first 20% by
     > 2 SE), only for curves logged at every step."""
-    from lightning_latent.study import Study
+    from lightning_latent.experiments.study import Study
 
     st = Study(tmp_path / "out", seeds=2, arms=("none", "temperature"), budget="plateau", work=tmp_path / "work")
 
@@ -171,12 +171,15 @@ def test_reward_trends_in_the_report(tmp_path):
     cell("train_temperature_s0", [0.5 + 0.002 * i + 0.01 * (-1) ** i for i in range(100)])  # rises 0.16
     cell("train_temperature_s1", [0.5 + 0.02 * i for i in range(10)])  # every 10 steps: not judged
     cell("train_none_s0", [0.7 + 0.01 * (-1) ** i for i in range(100)])  # flat
-    trends = st.reward_trends()
+    from lightning_latent.experiments.study_report import StudyReport
+
+    report = StudyReport(st)
+    trends = report.reward_trends()
     assert set(trends) == {"none", "temperature"} and set(trends["temperature"]) == {0}
     t = trends["temperature"][0]
     assert t["learns"] and t["window"] == 20 and t["last"] - t["first"] == pytest.approx(0.16)
     assert not trends["none"][0]["learns"] and trends["none"][0]["diff"] == pytest.approx(0.0, abs=1e-12)
-    st._write_md([], {}, [])
+    report.write_markdown([], {}, [])
     md = (st.out / "results.md").read_text()
     assert "## Training reward" in md and "| temperature | 1 / 1 | 0.519 -> 0.679 (" in md and "| none | 0 / 1 |" in md
 
@@ -184,7 +187,7 @@ def test_reward_trends_in_the_report(tmp_path):
 def test_mean_over_seeds_matches_steps_not_positions():
     """Seeds logged at different intervals are averaged step by step, at the steps all of them logged
     (before: by list position, so step 10 of one seed was averaged with step 1 of another)."""
-    from lightning_latent.study import mean_over_seeds
+    from lightning_latent.experiments.study_report import mean_over_seeds
 
     every_step = [(i, float(i)) for i in range(1, 21)]
     every_tenth = [(10, 100.0), (20, 200.0)]

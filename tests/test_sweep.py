@@ -15,10 +15,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lightning_latent.sweep import callbacks_from_env
-from lightning_latent.sweep.driver import counted, fail_stale, make_storage
-from lightning_latent.sweep.runner import Launch, command, fit_args
-from lightning_latent.sweep.space import load_sweep_config
+from lightning_latent.experiments.sweep import callbacks_from_env
+from lightning_latent.experiments.sweep.driver import counted
+from lightning_latent.experiments.sweep.runner import Launch, command, fit_args
+from lightning_latent.experiments.sweep.space import load_sweep_config
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "sweeps" / "sweep.py"
@@ -95,7 +95,7 @@ def test_space_constant_rollouts_and_command():
     with pytest.raises(ValueError, match="not divisible"):
         load_sweep_config(TINY, sets=["rollouts_per_step=6", "space.model.grpo.group_size={type: categorical, "
                                                              "choices: [4]}"])
-    # the synthetic default: the three searched keys, prompts x K from the base config (16 x 8)
+    # the synthetic default: the three searched keys, prompts x K from the recipe (32 x 4)
     d = load_sweep_config(REPO / "sweeps" / "dropout_grpo.yaml")
     assert set(d.space) == set(PARAMS) and d.space["model.grpo.beta"]["log"] is True
     assert d.constant_rollouts() == 128 and d.overrides({"model.grpo.group_size": 16})["model.grpo_prompts"] == 8
@@ -107,10 +107,21 @@ def test_space_constant_rollouts_and_command():
     assert tr[1:3] == ["-m", "torch.distributed.run"] and "--node_rank=1" in tr and "--trainer.num_nodes=2" in tr
 
 
+def test_constant_rollouts_over_a_base_config_that_sets_no_k_hold_the_recipes_128(tmp_path):
+    """K searched at constant rollouts over a base config that sets neither K nor the prompts per step:
+    both come from the run's defaults, the recipe's 32 prompts x K=4 = 128 rollouts (before, K came from
+    GRPOConfig's old default 8 and the prompts from the module: 32 x 8 = 256)."""
+    y = tmp_path / "sweep.yaml"
+    y.write_text("base_config: null\nspace:\n  model.grpo.group_size: {type: categorical, choices: [4, 8]}\n")
+    cfg = load_sweep_config(y)
+    assert cfg.constant_rollouts() == 128
+    assert cfg.overrides({"model.grpo.group_size": 8})["model.grpo_prompts"] == 16
+
+
 def test_grid_sweep_visits_each_point_once_and_stops(tmp_path, monkeypatch):
     """sampler: {type: grid} (the dropout-rate search): every point once, in the driver's ask / tell loop,
     and the worker stops when the grid is done although --n-trials asks for more."""
-    from lightning_latent.sweep.driver import Worker
+    from lightning_latent.experiments.sweep.driver import Worker
     cfg = load_sweep_config(TINY, sets=["sampler={type: grid, seed: 0}", "rollouts_per_step=null",
                                         "space={model.perturb.p: {type: categorical, choices: [0.0, 0.1, 0.2]}}"])
     with pytest.raises(ValueError, match="grid needs categorical"):

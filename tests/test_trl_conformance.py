@@ -1,4 +1,4 @@
-"""Agreement of ``lightning_latent.rl.grpo`` with the installed TRL ``GRPOTrainer`` (pinned in the dev extra).
+"""Agreement of ``lightning_latent.rl.loss`` with the installed TRL ``GRPOTrainer`` (pinned in the dev extra).
 
 A tiny GPT-2 (two layers, random init, dropout 0) and one batch of B=4 prompts x K=4 completions with
 padding on both sides (prompts of 2-4 tokens, left-padded; completions of 1-6 tokens, right-padded) and
@@ -37,7 +37,7 @@ from trl import GRPOTrainer  # noqa: E402
 
 from conftest import tiny_gpt2  # noqa: E402
 from lightning_latent.data.tokenizer import build_word_tokenizer  # noqa: E402
-from lightning_latent.rl.grpo import grpo_loss, group_advantages, sequence_logprobs  # noqa: E402
+from lightning_latent.rl.loss import grpo_loss, group_advantages, sequence_logprobs  # noqa: E402
 
 ATOL, RTOL = 1e-6, 1e-5
 EPSILON = 0.2

@@ -1,11 +1,12 @@
 """LightningDataModule: streams records; batches are plain lists of :class:`Record`.
 
 The module (not the data) decides what a batch becomes (a curriculum example at stage k, or GRPO
-prompts), so one stream serves every phase. What the training loader yields is planned by the module:
+prompts), so one stream serves every phase. What the training loader yields is planned by the run's
+:class:`~lightning_latent.schedule.Schedule`, which the module hands over once (:meth:`LatentDataModule.follow`):
 ``(records per rank per step, number of steps, records already consumed on this rank)``; each Lightning
 "epoch" is the rest of one schedule segment and the loader is rebuilt for the next
 (``reload_dataloaders_every_n_epochs=1``). Because a position in the stream is a pure function of the
-module's step counter, a resumed run continues at the next unseen record, and every rank yields exactly
+schedule's step counter, a resumed run continues at the next unseen record, and every rank yields exactly
 the same number of batches (finite sources are cycled, epoch by epoch), so no rank hangs at epoch end.
 """
 from __future__ import annotations
@@ -19,12 +20,14 @@ from datasets import IterableDataset
 from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import IterableDataset as TorchIterable
 
+from ..schedule import Schedule
 from .records import Record
 from .sources import SKIPS, row_to_record, split_for_rank
 from .synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
 from .tasks import SourceArgs, get_task
 
 log = logging.getLogger("lightning_latent.data")
+
 
 class _Batch(list):
     """A training batch (a list of records) that also carries, from a DataLoader worker, the rows that
@@ -153,6 +156,12 @@ class LatentDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self._worker_skips: dict[int, dict[str, int]] = {}
         self.skips = SKIPS
+        self.schedule: Schedule | None = None
+
+    def follow(self, schedule: Schedule) -> None:
+        """Plan the training loaders from ``schedule`` (the module's, handed over in its ``setup``): each
+        loader serves the rest of the schedule's current segment (:meth:`~lightning_latent.schedule.Schedule.data_plan`)."""
+        self.schedule = schedule
 
     # -- sources ------------------------------------------------------------------------------------
     def source(self, split: str) -> IterableDataset:
@@ -183,8 +192,10 @@ class LatentDataModule(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module
-        batch_size, n_batches, offset = module.data_plan()
+        if self.schedule is None:
+            raise RuntimeError("LatentDataModule has no schedule to plan training batches from: the module's "
+                               "setup() hands it over (LatentReasoner does; call follow(schedule) otherwise)")
+        batch_size, n_batches, offset = self.schedule.data_plan()
         rank, world = self._rank()
         ds = split_for_rank(self.source("train"), rank, world)
         return DataLoader(_PlannedBatches(ds, batch_size, n_batches, offset), batch_size=None,

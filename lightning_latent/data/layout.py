@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .records import BadRow, Record
+from .records import BadRow, Record, SkipCounter
 
 START, END, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 IGNORE = -100
@@ -29,13 +29,13 @@ class CurriculumConfig:
     """The Coconut curriculum. ``mode``: ``coconut`` (continuous thoughts), ``pause_as_thought`` (same
     layout, the slots are ordinary pause tokens) or ``no_cot`` (question -> answer, no steps)."""
 
-    c_thought: int = 2
+    c_thought: int = 1  # the embedded synthetic default; the Coconut paper's GSM8K recipe uses 2
     max_latent_stage: int = 3
     pad_latent_to_max: bool = False
     uniform_prob: float = 0.0
     mode: Literal["coconut", "pause_as_thought", "no_cot"] = "coconut"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.c_thought < 1:
             raise ValueError(f"curriculum.c_thought={self.c_thought} must be >= 1")
         if self.max_latent_stage < 0:
@@ -76,7 +76,6 @@ class Layout:
     """Turns records into ids for one tokenizer; ``cot=True`` is the plain CoT layout (no markers)."""
 
     def __init__(self, tokenizer, cfg: CurriculumConfig, max_length: int = 512):
-        cfg.validate()
         self.tok, self.cfg, self.max_length = tokenizer, cfg, max_length
         self.start_id = tokenizer.convert_tokens_to_ids(START)
         self.end_id = tokenizer.convert_tokens_to_ids(END)
@@ -169,17 +168,23 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, Tensor]:
 
 
 def train_batch(layout: Layout, records: list[Record], stage: int, cot: bool, rng: random.Random,
-                skip: Callable[[Record, BadRow], None] | None = None) -> dict[str, Tensor]:
+                skips: SkipCounter | None = None) -> dict[str, Tensor]:
     """Records -> one collated training batch at ``stage``; a record too long for ``max_length`` is
-    handed to ``skip`` (counted) and left out; raises when none is left."""
+    left out and counted in ``skips`` (source ``layout``); raises when none is left."""
     feats = []
     for r in records:
         try:
             feats.append(layout.train_example(r, stage, cot=cot, rng=rng))
         except BadRow as err:
-            if skip is not None:
-                skip(r, err)
+            if skips is not None:
+                skips.add("layout", err.reason, f"record {r.idx}")
     if not feats:
         raise ValueError(f"every record of the batch was longer than max_length={layout.max_length}: raise "
                          "max_length or shorten the data")
     return collate_train(feats, layout.pad_id, layout.latent_id)
+
+
+def sft_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The supervised loss of a collated training batch: next-token cross-entropy over the labelled
+    positions (the steps and the answer; -100 elsewhere, see :meth:`Layout.train_example`), in float32."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)

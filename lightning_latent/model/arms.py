@@ -16,6 +16,8 @@ from typing import Literal
 
 from torch import Tensor
 
+from .hashing import SITE_IDS, hash_normal
+
 #: ``fn(perturber, h, step) -> h``: perturbs the fed-back thoughts ``h`` [N, D] of the active rows at
 #: latent step ``step`` [N]; ``perturber.seeds(h.device)`` gives the rows' rollout seeds. It must be a
 #: pure function of (seed, step, h) so that the replay rebuilds it exactly.
@@ -82,8 +84,6 @@ def study_arms() -> tuple[str, ...]:
 def gaussian_thought(perturber, h: Tensor, step: Tensor) -> Tensor:
     """Additive Gaussian noise on each fed-back thought: ``noise_scale`` times the thought's RMS, fresh
     at every latent step, drawn from (seed, step) so that the replay rebuilds it."""
-    from .perturb import SITE_IDS, hash_normal  # perturb.py imports this module: import at call time
-
     z = hash_normal(perturber.seeds(h.device), (SITE_IDS["gauss"], step.to(h.device)), h.shape[-1]).to(h.dtype)
     rms = h.detach().pow(2).mean(-1, keepdim=True).sqrt()
     return h + perturber.cfg.noise_scale * rms * z

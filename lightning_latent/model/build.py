@@ -47,7 +47,7 @@ class ModelConfig:
     # less memory as thoughts grow, about one more forward of the latent window in time. Same gradients.
     checkpoint_latents: bool = False
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for k in ("n_layer", "n_embd", "n_head", "n_positions"):
             if getattr(self, k) < 1:
                 raise ValueError(f"backbone.{k}={getattr(self, k)} must be >= 1")
@@ -76,7 +76,6 @@ def build_tokenizer(cfg: ModelConfig, synthetic: SyntheticConfig | None = None, 
 
 def build_model(cfg: ModelConfig, tokenizer):
     """The base LM with Coconut tokens added (embeddings initialised from an existing token)."""
-    cfg.validate()
     if cfg.name_or_path is None:
         config = GPT2Config(
             vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .arms import Arm, get_arm
+from .hashing import SITE_IDS, hash_normal, hash_uniform  # noqa: F401  (hash_normal: re-exported)
 
 SITES = ("attn", "mlp", "thought", "embed")
 SCOPES = ("latent", "all")
@@ -31,47 +32,6 @@ SCOPES = ("latent", "all")
 #: The step index used for every position after a row's last latent thought (the end marker and the
 #: answer): a per-step arm then holds one "post-latent" mask for them.
 POST_LATENT_STEP = 1 << 20
-
-_M32 = 0xFFFFFFFF
-SITE_IDS = {"attn": 11, "mlp": 13, "thought": 17, "embed": 19, "gauss": 23, "answer": 29}
-
-
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32) without int64 overflow (c split into 16-bit halves)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit avalanche hash (lowbias32), exact on every device because it is integer-only."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x21F0AAAD)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x735A2D97)
-    x = x ^ (x >> 15)
-    return x
-
-
-def hash_uniform(seeds: Tensor, keys: tuple[int | Tensor, ...], dim: int) -> Tensor:
-    """Uniform numbers in [0, 1), shape [N, dim], a pure function of (seed, keys, feature index).
-
-    ``seeds`` is [N] int64; each key is an int or an [N] int64 tensor (e.g. a per-row step).
-    """
-    x = seeds.to(torch.int64) & _M32
-    x = _mix32(x ^ ((seeds.to(torch.int64) >> 32) & _M32))
-    for k in keys:
-        k_t = k.to(torch.int64) if isinstance(k, Tensor) else torch.tensor(int(k), dtype=torch.int64)
-        x = _mix32(x ^ _mix32((k_t.to(x.device) + 0x9E3779B9) & _M32))
-    feat = _mix32(torch.arange(dim, device=seeds.device, dtype=torch.int64) * 2 + 1)
-    x = _mix32(x[:, None] ^ feat[None, :])
-    return (x.to(torch.float64) + 0.5) / 4294967296.0
-
-
-def hash_normal(seeds: Tensor, keys: tuple[int | Tensor, ...], dim: int) -> Tensor:
-    """Standard normal numbers [N, dim] from two hashed uniforms (Box-Muller), replayable."""
-    u1 = hash_uniform(seeds, keys + (1,), dim)
-    u2 = hash_uniform(seeds, keys + (2,), dim)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
 
 
 @dataclass
@@ -84,7 +44,7 @@ class PerturbConfig:
     scope: Literal["latent", "all"] = "latent"
     noise_scale: float = 0.1  # arms with a thought function (gaussian): its scale; 0 turns it off
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         """Fail at start-up with a message that names the bad value."""
         get_arm(self.arm)
         if not 0.0 <= self.p < 1.0:
@@ -98,17 +58,17 @@ class PerturbConfig:
             raise ValueError(f"perturb.noise_scale={self.noise_scale} must be >= 0")
 
     @property
-    def spec(self) -> Arm:
-        """The arm's registry entry."""
+    def arm_entry(self) -> Arm:
+        """The arm's entry in the arm registry (model/arms.py): what the arm perturbs, how it answers."""
         return get_arm(self.arm)
 
     @property
     def is_dropout(self) -> bool:
-        return self.spec.dropout and self.p > 0
+        return self.arm_entry.dropout and self.p > 0
 
     @property
     def active(self) -> bool:
-        return self.is_dropout or (self.spec.thought is not None and self.noise_scale > 0)
+        return self.is_dropout or (self.arm_entry.thought is not None and self.noise_scale > 0)
 
 
 _NO_OVERRIDE = object()
@@ -168,7 +128,6 @@ class Perturber:
     """
 
     def __init__(self, model: nn.Module, cfg: PerturbConfig):
-        cfg.validate()
         self.cfg = cfg
         self._seeds: Tensor | None = None
         self._factors: dict[tuple[str, int], Tensor] = {}
@@ -217,7 +176,7 @@ class Perturber:
         assert self._seeds is not None
         seeds = self._seeds.to(device)
         keys: tuple = (SITE_IDS[site], layer)
-        if self.cfg.spec.per_step:
+        if self.cfg.arm_entry.per_step:
             keys = keys + (step.to(device),)
         else:
             # A shared mask does not depend on the step: build it once per ``rows`` activation instead of
@@ -267,7 +226,7 @@ class Perturber:
         (e.g. gaussian), or the dropout mask of the ``thought`` site."""
         if not self.enabled:
             return h
-        fn = self.cfg.spec.thought
+        fn = self.cfg.arm_entry.thought
         if fn is not None:
             return fn(self, h, step)
         if self.cfg.is_dropout and "thought" in self.cfg.sites:

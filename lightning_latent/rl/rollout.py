@@ -16,7 +16,7 @@ from ..data.layout import Layout, collate_prompts
 from ..data.records import Record
 from ..model.latent_lm import LatentLM, generate, positions_from_mask
 from ..model.perturb import Perturber
-from .grpo import group_stats, sequence_logprobs, token_entropy
+from .loss import group_stats, sequence_logprobs, token_entropy
 from .rewards import RewardFn, answer_key, extract_answer
 
 

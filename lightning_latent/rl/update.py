@@ -1,11 +1,12 @@
-"""The GRPO update as functions: a rollout batch in, gradients and optimiser steps out.
+"""The GRPO update: a rollout batch in, ``mu`` optimiser steps, what to log out.
 
-:func:`grpo_update` is what one GRPO training step does after its rollouts (docs/design.md#grpo-loss):
-keep the groups that carry signal (dynamic sampling), compute advantages and the reference's log-probs,
-then ``mu`` times: replay the rollouts' log-probs with their own perturbations, take the clipped loss
-(micro-batch by micro-batch, each over the whole batch's denominators), backward, optimiser step.
-The LightningModule calls it with its backward and optimiser step; the benchmarks call
-:func:`backward_micro_batches` with plain ``Tensor.backward``. No Lightning here.
+:func:`grpo_update` is what one GRPO training step does after its rollouts (docs/design.md#grpo-loss),
+top to bottom: keep the groups that carry signal (dynamic sampling), compute advantages and the frozen
+reference's log-probs, then ``mu`` times: zero the gradients, replay the rollouts' log-probs with their
+own perturbations and take the clipped loss micro-batch by micro-batch (each over the whole batch's
+denominators), backward, then the guarded optimiser step (:class:`~lightning_latent.optim.GuardedOptimizer`).
+The LightningModule passes its optimiser and its ``manual_backward``; tests and benchmarks pass a plain
+optimiser and ``Tensor.backward``. No Lightning here.
 """
 from __future__ import annotations
 
@@ -20,16 +21,22 @@ from torch import Tensor
 from ..distributed import all_sum, world_size
 from ..model.latent_lm import LatentLM
 from ..model.perturb import Perturber
-from .grpo import group_advantages, grpo_loss, select_mixed_groups
+from ..optim import GuardedOptimizer
+from .loss import group_advantages, grpo_loss, select_mixed_groups
+from .reference import Reference
 from .rewards import get_reward
 from .rollout import RolloutBatch, replay_logprobs
 
 
 @dataclass
 class GRPOConfig:
-    """Dropout-GRPO settings (docs/design.md#grpo-loss). ``answer_temperature=0`` means greedy answers."""
+    """Dropout-GRPO settings (docs/design.md#grpo-loss). ``answer_temperature=0`` means greedy answers.
 
-    group_size: int = 8
+    The defaults are the GRPO recipe found on the synthetic task (docs/results/recipe/: K=4, beta 0.01,
+    mu 2, with ``optim.grpo_lr`` 5e-5 and 32 prompts per step); other tasks' configs set their own
+    (``experiments/configs/gsm8k/dropout_grpo.yaml`` follows the published recipe)."""
+
+    group_size: int = 4
     answer_temperature: float = 1.0
     max_new_tokens: int = 16
     advantage: Literal["mean", "std", "none"] = "mean"
@@ -38,12 +45,12 @@ class GRPOConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
-    beta: float = 0.0
+    beta: float = 0.01
     kl_clamp: float = 10.0
     # TRL's use_bias_correction_kl: weight the k3 term by the (differentiable) importance ratio
     kl_importance_ratio: bool = False
     reference_perturbed: bool = True
-    mu: int = 1
+    mu: int = 2
     dynamic_sampling: bool = False
     max_groups: int | None = None  # with dynamic sampling: keep at most this many mixed groups per rank
     # Which parameters GRPO trains: None = all; "value" = the attention value projections only (the
@@ -59,7 +66,7 @@ class GRPOConfig:
     # Warn when more than this share of a step's rollouts hit max_new_tokens (their reward is usually 0).
     truncation_warn: float = 0.5
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError(f"grpo.group_size={self.group_size}: GRPO needs K >= 2 rollouts per prompt")
         if self.beta < 0:
@@ -87,6 +94,12 @@ class GRPOConfig:
                 raise ValueError(f"grpo.trainable={self.trainable!r} is not a valid regex: {err}") from err
         if self.micro_batch_rows is not None and self.micro_batch_rows < 1:
             raise ValueError(f"grpo.micro_batch_rows={self.micro_batch_rows} must be >= 1 (or null: whole batch)")
+        if self.max_groups is not None and self.max_groups < 1:
+            raise ValueError(f"grpo.max_groups={self.max_groups} must be >= 1 (or null: no limit)")
+        if self.kl_clamp <= 0:
+            raise ValueError(f"grpo.kl_clamp={self.kl_clamp} must be > 0")
+        if not 0.0 <= self.truncation_warn <= 1.0:
+            raise ValueError(f"grpo.truncation_warn={self.truncation_warn} must be in [0, 1]")
         get_reward(self.reward)
 
 
@@ -98,6 +111,16 @@ class UpdateResult:
     loss: Tensor | None = None  # the last optimiser step's loss (detached); None: no update (no group kept)
     stats: dict[str, Tensor] = field(default_factory=dict)  # first inner iteration: replay gap, entropy, kl, ...
     grad_norm: float | None = None  # the last finite optimiser step's gradient norm
+    skipped: int = 0  # optimiser steps skipped because the loss or the gradient was not finite
+
+    def log_values(self) -> dict[str, float | Tensor]:
+        """What the module logs of the update (``train/loss`` aside, which goes to the progress bar)."""
+        if self.loss is None:  # no rank kept a group: no update
+            return {"grpo/groups_kept": float(self.groups_kept), "grpo/skipped_updates": 1.0}
+        out = {"grpo/groups_kept": float(self.groups_kept), **{f"grpo/{k}": v for k, v in self.stats.items()}}
+        if self.grad_norm is not None:
+            out["grpo/grad_norm"] = self.grad_norm
+        return out
 
 
 def keep_groups(rewards: Tensor, cfg: GRPOConfig) -> Tensor:
@@ -178,17 +201,17 @@ def grpo_update(
     batch: RolloutBatch,
     cfg: GRPOConfig,
     temperature: float,
-    reference: Callable[[RolloutBatch], Tensor] | None,
-    backward: Callable[[Tensor], None],
-    optimizer_step: Callable[[Callable[[], Tensor]], tuple[bool, float, Tensor]],
+    reference: Reference | None,
+    optimizer: GuardedOptimizer,
+    backward: Callable[[Tensor], None] = Tensor.backward,
 ) -> UpdateResult:
-    """The update of one GRPO step on ``batch`` (this rank's rollouts).
+    """The update of one GRPO step on ``batch`` (this rank's rollouts): ``cfg.mu`` optimiser steps.
 
-    ``reference(sub_batch)`` returns the frozen reference's log-probs (called only when ``beta > 0``);
-    ``backward(loss)`` runs one backward; ``optimizer_step(fn)`` zeroes the gradients, calls ``fn`` (which
-    runs the backward passes and returns the detached loss), then syncs, clips and steps, returning
-    (stepped, grad norm, loss). The decision to skip the update when no rank kept a group is taken on
-    all ranks together (an all-reduce), so ranks never disagree on whether to step."""
+    ``reference``: the frozen reference (its log-probs are taken once, when ``beta > 0``); ``optimizer``
+    zeroes, then after the backward passes clips and steps (skipping non-finite updates); ``backward(loss)``
+    runs one backward (the module's ``manual_backward``). The decision to skip the update when no rank
+    kept a group is taken on all ranks together (an all-reduce), so ranks never disagree on whether to step.
+    """
     device = batch.mask.device
     keep = keep_groups(batch.rewards, cfg)
     n_local = int(keep.sum())
@@ -202,23 +225,18 @@ def grpo_update(
     scale = rank_weight(cfg, n_local, n_global, float(sub.mask.float().sum()), device)
     ref_logp = None
     if cfg.beta > 0 and reference is not None:
-        with torch.no_grad():
-            ref_logp = reference(sub)
+        ref_logp = reference.logprobs(sub, temperature, cfg.reference_perturbed)
     model.train()
+    skipped_before = optimizer.skipped
     for it in range(cfg.mu):
-        replayed: list[tuple[Tensor, Tensor | None]] = []
-
-        def run_backward() -> Tensor:
-            total, lp, en = backward_micro_batches(model, perturber, sub, adv, ref_logp, cfg, temperature, scale,
-                                                   backward, with_entropy=it == 0)
-            replayed.append((lp, en))
-            return total
-
-        ok, gn, loss = optimizer_step(run_backward)
+        optimizer.zero_grad()
+        loss, logp, ent = backward_micro_batches(model, perturber, sub, adv, ref_logp, cfg, temperature, scale,
+                                                 backward, with_entropy=it == 0)
         if it == 0:
-            lp, en = replayed[0]
-            result.stats = first_iteration_stats(lp, en, sub, adv, ref_logp, cfg)
-        if ok:
-            result.grad_norm = gn
+            result.stats = first_iteration_stats(logp, ent, sub, adv, ref_logp, cfg)
+        stepped, grad_norm = optimizer.step(loss)
+        if stepped:
+            result.grad_norm = grad_norm
         result.loss = loss
+    result.skipped = optimizer.skipped - skipped_before
     return result

@@ -1,7 +1,7 @@
 """Running ``experiments/run.py`` as a child process: the one launcher for sweep trials and study cells.
 
-Both the Optuna sweep (:mod:`lightning_latent.sweep.driver`) and the ablation study
-(:mod:`lightning_latent.study`) run every training / evaluation as an ordinary ``experiments/run.py``
+Both the Optuna sweep (:mod:`lightning_latent.experiments.sweep.driver`) and the ablation study
+(:mod:`lightning_latent.experiments.study`) run every training / evaluation as an ordinary ``experiments/run.py``
 process, so any number they report can be rerun by hand. They share this module rather than the study
 importing from ``sweep/``: a study cell is not a sweep trial, but the process handling is the same —
 its own session (so DDP ranks are signalled together), output appended to a log file that starts with
@@ -21,7 +21,7 @@ from typing import Callable
 
 __all__ = ["REPO_ROOT", "RUN_SCRIPT", "error_from_log", "kill_group", "run_process", "shell_line"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_SCRIPT = REPO_ROOT / "experiments" / "run.py"
 
 

@@ -21,9 +21,9 @@ import os
 import lightning as L
 import optuna
 
-from ..guards import CollapseError
+from ...guards import CollapseError
 
-log = logging.getLogger("lightning_latent.sweep")
+log = logging.getLogger("lightning_latent.experiments.sweep")
 
 ENV_STORAGE = "LL_OPTUNA_STORAGE"
 ENV_STUDY = "LL_OPTUNA_STUDY"

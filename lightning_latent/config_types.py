@@ -1,7 +1,9 @@
-"""The config dataclasses as a whole: turning plain dicts into them, and loading them from checkpoints.
+"""The config dataclasses as a whole: turning plain dicts into them, and allow-listing them for loading.
 
-Every checkpoint's hyperparameters hold these dataclasses. torch >= 2.6 loads with ``weights_only=True``
-by default (so does ``--ckpt_path``), which refuses any class not allow-listed: they are registered here.
+Each config class lives beside the code it configures, with its defaults and its ``__post_init__``
+validation (docs/design.md#settings lists them all). Every checkpoint's hyperparameters hold these
+dataclasses; torch >= 2.6 loads with ``weights_only=True`` by default (so does ``--ckpt_path``), which
+refuses any class not allow-listed: they are registered here.
 """
 from __future__ import annotations
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data.records import Record
-from .model.arms import get_arm
-from .model.perturb import PerturbConfig, Perturber
-from .rl.grpo import group_stats
-from .answers import answer_key
-from .rl.rollout import rollout, rollout_seed
+from ..data.records import Record
+from ..model.arms import get_arm
+from ..model.perturb import PerturbConfig, Perturber
+from ..rl.loss import group_stats
+from ..answers import answer_key
+from ..rl.rollout import rollout, rollout_seed
 
 
 @dataclass

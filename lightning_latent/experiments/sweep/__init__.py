@@ -9,7 +9,7 @@ and plots.
 - :mod:`.runner`: the command line of one trial and the process that runs it.
 - :mod:`.driver`: the worker loop (ask, run, tell; heartbeats, stale trials, budget) and results.
 """
-from .report import ENV_METRIC, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, SweepReporter, callbacks_from_env
+from .pruning import ENV_METRIC, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, SweepReporter, callbacks_from_env
 from .space import SweepConfig, load_sweep_config
 
 __all__ = ["SweepConfig", "load_sweep_config", "SweepReporter", "callbacks_from_env", "ENV_STORAGE", "ENV_STUDY",

@@ -13,7 +13,7 @@ from typing import Any
 
 # The process side (own session, log file, group kill, error line) is shared with the ablation study.
 from ..processes import REPO_ROOT, RUN_SCRIPT, error_from_log, kill_group, run_process, shell_line
-from .report import ENV_METRIC, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL
+from .pruning import ENV_METRIC, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL
 
 __all__ = ["Launch", "REPO_ROOT", "RUN_SCRIPT", "command", "error_from_log", "fit_args", "kill_group", "run_process",
            "shell_line", "trial_env", "trial_version"]

@@ -143,11 +143,11 @@ class SweepConfig:
             return r
         if r != "constant":
             raise ValueError(f"sweep rollouts_per_step={r!r} must be 'constant', an integer or null")
-        from ..module import LatentReasoner
-        from ..rl.update import GRPOConfig
+        from ...module import LatentReasoner
 
-        prompts = self.base_value(PROMPTS_KEY, inspect.signature(LatentReasoner).parameters["grpo_prompts"].default)
-        k = self.base_value(GROUP_SIZE_KEY, GRPOConfig().group_size)
+        defaults = inspect.signature(LatentReasoner).parameters  # the run's defaults: one source for both
+        prompts = self.base_value(PROMPTS_KEY, defaults["grpo_prompts"].default)
+        k = self.base_value(GROUP_SIZE_KEY, defaults["grpo"].default.group_size)
         return int(prompts) * int(k)
 
     @property

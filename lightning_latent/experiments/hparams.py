@@ -21,7 +21,7 @@ TensorBoard's HParams tab takes its columns from ONE experiment description (if 
 one, it picks any). So runs write none; instead, after every run, :func:`write_experiment` rewrites the
 one at the log root (the logger's ``save_dir``: ``logs/``, a study's ``OUT/tb``, a sweep's ``tb``) for
 every run under it: the settings that differ between the runs (all of them if there is one run) and the
-result metrics first, ``test_pass@1`` leading. By hand: ``python -m lightning_latent.hparams LOGDIR``.
+result metrics first, ``test_pass@1`` leading. By hand: ``python -m lightning_latent.experiments.hparams LOGDIR``.
 TensorBoard orders setting columns by name (so ``K``, ``arm``, ``lr``, ``p``, ...) and ticks the first
 five.
 """
@@ -37,7 +37,7 @@ from typing import Any
 import lightning as L
 
 # Re-exported: the flattening compare.py reads hparams.yaml with.
-from .reporting import flatten_hparams
+from .reporting import EXPERIMENT_SUFFIX, find_runs, flatten_hparams, hparams_from_plugin, read_events
 
 log = logging.getLogger("lightning_latent")
 
@@ -54,7 +54,6 @@ DEFINING: dict[str, str] = {
 }
 RESULT_METRICS = ("result/test_pass@1", "result/val_pass@1", "result/reward", "result/frac_zero_std")
 FINAL_WINDOW = 10
-EXPERIMENT_SUFFIX = ".hparams-experiment"  # the root experiment file (compare.find_runs skips it)
 
 
 def _short_path(p: str) -> str:
@@ -64,7 +63,7 @@ def _short_path(p: str) -> str:
 
 def defining_hparams(pl_module, datamodule=None) -> dict[str, Any]:
     """The settings that define the run, under their short names, in :data:`DEFINING` order."""
-    from .model.arms import get_arm
+    from ..model.arms import get_arm
 
     hp = dict(pl_module.hparams)
     segs = pl_module.segments
@@ -136,7 +135,7 @@ class HParamsSummary(L.Callback):
         self._restored = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from .schedule import locate
+        from ..schedule import locate
 
         if not hasattr(pl_module, "segments") or pl_module.step_count < 1:
             return
@@ -160,7 +159,7 @@ class HParamsSummary(L.Callback):
         self.write(trainer, pl_module, m)
 
     def fit_metrics(self, trainer, pl_module) -> dict[str, float]:
-        from .callbacks import PhaseSummary
+        from ..callbacks import PhaseSummary
 
         rows = next((c.rows for c in trainer.callbacks if isinstance(c, PhaseSummary)), [])
         out: dict[str, float] = {}
@@ -246,16 +245,13 @@ def hparams_summaries(hp: dict[str, Any], metric_names: list[str]) -> list:
 
 def read_hparams(run_dir: str | Path) -> dict[str, Any]:
     """The HParams plugin's session hyperparameters of one run folder (empty if none)."""
-    from .compare import _hparams_from_plugin
-    from .reporting import read_events
-
-    return _hparams_from_plugin(read_events(run_dir))
+    return hparams_from_plugin(read_events(run_dir))
 
 
 RL_KEYS = ("arm", "p", "sites", "scope", "K", "prompts", "beta", "mu")
 
 
-def _differs(key: str, runs: list[dict[str, Any]]) -> bool:
+def differs(key: str, runs: list[dict[str, Any]]) -> bool:
     """Whether ``key`` tells the runs apart. The RL settings are compared among runs with an arm (a
     Coconut run has none); a missing ``p`` (an arm without dropout masks) differs from a given one;
     ``sites`` / ``scope`` differ only by two given values (they refine ``p``)."""
@@ -270,14 +266,11 @@ def write_experiment(logdir: str | Path) -> Path | None:
     Replaces an earlier one. Returns the file written (None: no run with HParams data)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from .compare import _hparams_from_plugin, find_runs
-    from .reporting import read_events
-
     logdir = Path(logdir)
     runs, metrics = [], set()
     for d in find_runs(logdir):
         acc = read_events(d)
-        hp = _hparams_from_plugin(acc)
+        hp = hparams_from_plugin(acc)
         if not hp:
             continue
         runs.append({k: v for k, v in hp.items() if k in DEFINING or k == "trial"})
@@ -286,7 +279,7 @@ def write_experiment(logdir: str | Path) -> Path | None:
         return None
     order = [*DEFINING, "trial"]
     keys = [k for k in order if any(k in r for r in runs)]
-    varying = {k: next(r[k] for r in runs if k in r) for k in keys if _differs(k, runs)}
+    varying = {k: next(r[k] for r in runs if k in r) for k in keys if differs(k, runs)}
     if not varying and keys:  # every run alike: keep the settings, the table needs at least one column
         varying = {k: next(r[k] for r in runs if k in r) for k in keys}
     for old in logdir.glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"):
@@ -300,10 +293,10 @@ def write_experiment(logdir: str | Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lightning_latent.hparams",
+    ap = argparse.ArgumentParser(prog="python -m lightning_latent.experiments.hparams",
                                  description="Write one HParams experiment description for every run under "
                                              "LOGDIR (the settings that differ, results first). Example: "
-                                             "python -m lightning_latent.hparams logs/")
+                                             "python -m lightning_latent.experiments.hparams logs/")
     ap.add_argument("logdir")
     a = ap.parse_args(argv)
     path = write_experiment(a.logdir)

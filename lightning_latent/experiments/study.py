@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -24,17 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .answers import answers_equal
-from .metrics import majority_vote, mean_and_ci95, pass_at_k, reward_trend
-from .model.arms import get_arm, study_arms
+from ..answers import answers_equal
+from ..metrics import majority_vote, pass_at_k
+from ..model.arms import get_arm, study_arms
 from .processes import REPO_ROOT, RUN_SCRIPT, run_process
-from .reporting import markdown_table, scalars, write_csv
+from .reporting import scalars, write_csv
 
-log = logging.getLogger("lightning_latent.study")
+log = logging.getLogger("lightning_latent.experiments.study")
 
 ARMS = study_arms()  # the arm registry (model/arms.py), in its order
 CONFIGS = REPO_ROOT / "experiments" / "configs" / "synthetic"
-MIN_TREND_POINTS = 50  # a training-reward curve judged by reward_trend: at least this many logged steps
 
 @dataclass
 class Budget:
@@ -234,9 +232,9 @@ class Study:
         return self.evaluate(seed, arm, tr["ckpt"], arm)
 
     def run_diversity(self, ckpt: str) -> None:
-        from .data.synthetic import synthetic_record
+        from ..data.synthetic import synthetic_record
         from .diversity import DiversitySetting, default_settings, measure
-        from .checkpoints import load_module
+        from ..checkpoints import load_module
 
         module = load_module(ckpt)
         cfg = module.hparams["synthetic"]
@@ -246,184 +244,15 @@ class Study:
             DiversitySetting("gaussian", 0.3)]
         rows = measure(module, recs, settings, k=8)
         write_csv(self.out / "diversity.csv", rows)
+        from .study_report import plot_diversity
+
         plot_diversity(rows, self.out / "diversity.png")
 
     def report(self) -> None:
-        results, per_problem = [], {}
-        for s in range(self.seeds):
-            c = self._done(f"test_coconut_s{s}")
-            if c:
-                results.append({"arm": "coconut_start", "seed": s, **_summ(c), "frac_zero_std": float("nan")})
-                per_problem[("coconut_start", s)] = c["correct"]
-            for arm in self.arms:
-                r, tr = self._done(f"test_{arm}_s{s}"), self._done(f"train_{arm}_s{s}")
-                if r and tr:
-                    results.append({"arm": arm, "seed": s, **_summ(r), "frac_zero_std": tr["frac_zero_std"]})
-                    per_problem[(arm, s)] = r["correct"]
-        cols = ["arm", "seed", "pass@1", "sampled_pass@1", f"maj@{self.budget.k}", f"pass@{self.budget.k}",
-                "frac_zero_std", "n_eval"]
-        write_csv(self.out / "results.csv", [{c: r.get(c, float("nan")) for c in cols} for r in results])
-        self._write_md(results, per_problem, cols)
-        self._plots(results)
-        from .hparams import write_experiment
+        """Tables and plots from the finished cells (:class:`~.study_report.StudyReport`)."""
+        from .study_report import StudyReport
 
-        if self.tb.exists():  # TensorBoard's HParams tab: the settings that differ, test pass@1 first
-            write_experiment(self.tb)
-
-    def _write_md(self, results: list[dict], per_problem: dict, cols: list[str]) -> None:
-        k = self.budget.k
-        lines = ["# Ablation results (synthetic task)", "",
-                 f"Seeds: {self.seeds}; test problems per evaluation: {results[0]['n_eval'] if results else 0}; "
-                 f"GRPO steps per arm: {self.budget.grpo_steps}; pass@{k} / maj@{k} under one evaluation sampler "
-                 f"(dropout_shared p={self.budget.eval_p}, T=1). Intervals: 95% t-intervals over seeds.", ""]
-        rows = []
-        for arm in ("coconut_start", *self.arms):
-            rs = [r for r in results if r["arm"] == arm]
-            if not rs:
-                continue
-            cells = [_mean_pm([r.get(c, float("nan")) for r in rs]) for c in ("pass@1", "sampled_pass@1", f"maj@{k}", f"pass@{k}")]
-            fz = [r["frac_zero_std"] for r in rs if not math.isnan(r["frac_zero_std"])]
-            rows.append([arm, len(rs), *cells, f"{sum(fz) / len(fz):.2f}" if fz else "-"])
-        lines += [markdown_table(["arm", "seeds", "pass@1 (greedy, unperturbed)", "sampled pass@1", f"maj@{k}",
-                                  f"pass@{k}", "frac_zero_std (train)"], rows)]
-        speed = self.learning_speed()
-        if speed:
-            steps = self.budget.curve_steps
-            lines += ["", f"## Learning speed: validation greedy pass@1 at GRPO steps {', '.join(map(str, steps))}", "",
-                      f"n={self.budget.val_limit} validation problems; mean ± 95% t-interval over seeds.", ""]
-            lines += [markdown_table(["arm", "seeds", "start", *[f"step {n}" for n in steps]],
-                                     [[arm, len(v["start"]), _mean_pm(v["start"]), *[_mean_pm(v[n]) if v[n] else "-" for n in steps]]
-                                      for arm, v in speed.items()])]
-        trends = self.reward_trends()
-        if trends:
-            lines += ["", "## Training reward: first 20% of steps -> last 20% (rise / its standard error)", "",
-                      f"\"Learns\": a rise above 2 standard errors. Only curves logged at every step (>= "
-                      f"{MIN_TREND_POINTS} points) are judged.", ""]
-            lines += [markdown_table(["arm", "learns (seeds)", *[f"seed {s}" for s in range(self.seeds)]],
-                                     [[arm, f"{sum(t['learns'] for t in v.values())} / {len(v)}",
-                                       *[f"{v[s]['first']:.3f} -> {v[s]['last']:.3f} ({v[s]['diff'] / v[s]['se']:+.1f})"
-                                         if s in v else "-" for s in range(self.seeds)]]
-                                      for arm, v in trends.items()])]
-        lines += ["", "## Paired differences in test pass@1 (same problems, percentage points)", "",
-                  "Per seed: mean of per-problem differences ± 95% t-interval over problems; across seeds: "
-                  "mean ± 95% t-interval.", ""]
-        rows = []
-        for base in ("temperature", "coconut_start"):
-            for arm in self.arms:
-                if arm == base:
-                    continue
-                diffs, per_seed = [], []
-                for s in range(self.seeds):
-                    a, b = per_problem.get((arm, s)), per_problem.get((base, s))
-                    if a is None or b is None:
-                        continue
-                    d = [x - y for x, y in zip(a, b)]
-                    per_seed.append(f"s{s}: {_mean_pm(d, signed=True)}")
-                    diffs.append(sum(d) / len(d))
-                if diffs:
-                    rows.append([f"{arm} − {base}", "; ".join(per_seed), _mean_pm(diffs, signed=True)])
-        lines += [markdown_table(["comparison", "per seed", "across seeds"], rows)]
-        lines += ["", f"Wall time of this invocation: {time.perf_counter() - self.t0:.0f} s."]
-        (self.out / "results.md").write_text("\n".join(lines) + "\n")
-
-    def reward_trends(self) -> dict[str, dict[int, dict]]:
-        """Per arm and seed: :func:`~lightning_latent.metrics.reward_trend` of the training reward, for the
-        curves logged at every step (older cells logged every 10 steps: too few points to judge)."""
-        out: dict[str, dict[int, dict]] = {}
-        for arm in self.arms:
-            for s in range(self.seeds):
-                tr = self._done(f"train_{arm}_s{s}")
-                rewards = [v for _, v in (tr or {}).get("curves", {}).get("grpo/reward_mean", [])]
-                if len(rewards) >= MIN_TREND_POINTS:
-                    out.setdefault(arm, {})[s] = reward_trend(rewards)
-        return out
-
-    def learning_speed(self) -> dict[str, dict]:
-        """Per arm: validation pass@1 of the start and at each ``curve_steps`` step count, one value per
-        seed (the train cells' validation curves; the i-th validation is at step (i + 1) * val_interval)."""
-        steps = self.budget.curve_steps
-        out: dict[str, dict] = {}
-        if not steps:
-            return out
-        for arm in self.arms:
-            v: dict = {"start": [], **{n: [] for n in steps}}
-            for s in range(self.seeds):
-                tr = self._done(f"train_{arm}_s{s}")
-                if not tr:
-                    continue
-                curve = [val for _, val in tr["curves"].get("val/pass@1", [])]
-                at = {(i + 1) * self.budget.val_interval: val for i, val in enumerate(curve)}
-                if tr.get("start_val") is not None:
-                    v["start"].append(tr["start_val"])
-                for n in steps:
-                    if n in at:
-                        v[n].append(at[n])
-            if any(v[n] for n in steps):
-                out[arm] = v
-        return out
-
-    def _plots(self, results: list[dict]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        arms = [a for a in ("coconut_start", *self.arms) if any(r["arm"] == a for r in results)]
-        if not arms:
-            return
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for i, a in enumerate(arms):
-            vals = [100 * r["pass@1"] for r in results if r["arm"] == a]
-            m, h = mean_and_ci95([v / 100 for v in vals])
-            ax.bar(i, 100 * m, yerr=None if math.isnan(h) else 100 * h, capsize=4, color="C0" if a != "coconut_start" else "C7")
-            ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
-        ax.set_xticks(range(len(arms)), arms, rotation=20)
-        ax.set_ylabel("test pass@1 (%)")
-        ax.set_title("Test greedy pass@1 per arm (bars: mean, 95% CI over seeds; dots: seeds)")
-        fig.tight_layout()
-        fig.savefig(self.out / "pass1_per_arm.png", dpi=120)
-        plt.close(fig)
-        names = ("grpo/reward_mean", "grpo/frac_all_correct", "grpo/frac_all_wrong", "grpo/frac_mixed")
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-        for arm in self.arms:
-            trs = [self._done(f"train_{arm}_s{s}") for s in range(self.seeds)]
-            trs = [t for t in trs if t]
-            for ax, n in zip(axes, names):
-                series = [t["curves"].get(n, []) for t in trs if t["curves"].get(n)]
-                if not series:
-                    continue
-                steps, mean = mean_over_seeds(series)
-                ax.plot(steps, mean, label=arm)
-        for ax, n in zip(axes, names):
-            ax.set_title(n)
-            ax.set_xlabel("step")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(self.out / "training_curves.png", dpi=120)
-        plt.close(fig)
-
-
-def mean_over_seeds(series: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    """The mean curve of several seeds' ``(step, value)`` curves, matched by step, at the steps every seed
-    logged: seeds may log at different intervals (the study's older cells logged every 10 steps)."""
-    by_step: dict[int, list[float]] = {}
-    for ser in series:
-        for step, value in ser:
-            by_step.setdefault(int(step), []).append(value)
-    steps = sorted(st for st, vals in by_step.items() if len(vals) == len(series))
-    return steps, [sum(by_step[st]) / len(series) for st in steps]
-
-
-def _mean_pm(values: list[float], signed: bool = False) -> str:
-    """``"12.5 ± 3.1"``: the mean and its 95% interval half-width (:func:`mean_and_ci95`) in percentage
-    points; the mean alone when one value leaves no spread to estimate."""
-    m, h = mean_and_ci95(values)
-    mean = f"{100 * m:+.1f}" if signed else f"{100 * m:.1f}"
-    return mean if math.isnan(h) else f"{mean} ± {100 * h:.1f}"
-
-
-def _summ(r: dict) -> dict:
-    return {k: v for k, v in r.items() if k != "correct"}
+        StudyReport(self).write()
 
 
 def score(rows: list[dict], k: int) -> dict:
@@ -448,31 +277,3 @@ def read_curves(logdir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int
     file, which outlives the event files of a cleaned-up run)."""
     return {t: [(int(st), float(v)) for st, v in zip(df["step"], df["value"])]
             for t, df in scalars(logdir, tags).items()}
-
-
-def plot_diversity(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("frac_zero_std", "distinct_answers")):
-        for scope in ("latent", "all"):
-            for ans in sorted({r["answers"] for r in rows}):
-                sel = [r for r in rows if r["arm"] == "dropout_shared" and r["scope"] == scope and r["answers"] == ans]
-                if sel:
-                    ax.plot([r["strength"] for r in sel], [r[metric] for r in sel], marker="o",
-                            label=f"dropout_shared, {scope}, {ans}")
-        for arm, mk in (("dropout_per_step", "s"), ("gaussian", "^")):
-            sel = [r for r in rows if r["arm"] == arm]
-            for ans in sorted({r["answers"] for r in sel}):
-                ss = [r for r in sel if r["answers"] == ans]
-                ax.scatter([r["strength"] for r in ss], [r[metric] for r in ss], marker=mk, label=f"{arm}, {ans}")
-        ax.set_xlabel("p (dropout) / noise scale (gaussian)")
-        ax.set_ylabel(metric)
-    axes[0].legend(fontsize=6)
-    fig.suptitle("Rollout diversity against perturbation strength (K=8, validation prompts)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

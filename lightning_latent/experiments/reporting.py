@@ -9,7 +9,7 @@
   sources give the same values for the same run.
 
 Heavy imports (pandas, tensorboard) happen inside the functions: the training process imports this
-module (through :mod:`lightning_latent.hparams`) and needs neither.
+module (through :mod:`lightning_latent.experiments.hparams`) and needs neither.
 """
 from __future__ import annotations
 
@@ -123,3 +123,36 @@ def flatten_hparams(obj: Any, prefix: str = "") -> dict[str, Any]:
         return {key: json.dumps(obj, default=lambda o: asdict(o) if is_dataclass(o) else str(o))}
     except (TypeError, ValueError):
         return {key: str(obj)}
+
+
+#: The file suffix of the experiment description at a log root (hparams.write_experiment): not a run.
+EXPERIMENT_SUFFIX = ".hparams-experiment"
+
+
+def find_runs(logdir: str | Path) -> list[Path]:
+    """Every folder under ``logdir`` (itself included) holding an event file, sorted."""
+    logdir = Path(logdir)
+    # the experiment description written at a log root (lightning_latent.experiments.hparams.write_experiment) is no run
+    dirs = {p.parent for p in logdir.rglob("events.out.tfevents.*") if not p.name.endswith(EXPERIMENT_SUFFIX)}
+    return sorted(dirs)
+
+
+def hparams_from_plugin(acc) -> dict[str, Any]:
+    """The HParams plugin's session hyperparameters in an event accumulator (empty if none)."""
+    try:
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
+        content = acc.PluginTagToContent("hparams")
+    except (KeyError, ImportError):
+        return {}
+    out: dict[str, Any] = {}
+    for tag, raw in content.items():
+        if not tag.endswith("session_start_info"):
+            continue
+        data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+        for k, v in data.session_start_info.hparams.items():
+            kind = v.WhichOneof("kind")
+            out[k] = getattr(v, kind) if kind else None
+            if kind == "number_value" and float(out[k]).is_integer():
+                out[k] = int(out[k])
+    return out

@@ -1,13 +1,13 @@
 """Compare runs side by side from their TensorBoard event files.
 
-    python -m lightning_latent.compare LOGDIR [--out DIR] [--metrics val/pass@1 test/pass@1 ...]
+    python -m lightning_latent.experiments.compare LOGDIR [--out DIR] [--metrics val/pass@1 test/pass@1 ...]
         [--scalars val/pass@1 grpo/reward_mean ...] [--hparams perturb.p grpo.group_size ...]
 
 A run is a folder holding ``events.out.tfevents.*`` (a Lightning version directory, a sweep trial).
 Writes ``DIR/runs.csv`` and ``DIR/runs.md`` (one row per run: its hyperparameters, then the final and
 best value of each metric) and one overlay plot per scalar (``DIR/<tag>.png``, ``/`` -> ``_``).
 Hyperparameters: the defining settings under short names (``arm``, ``p``, ``K`` ...) from the HParams
-plugin data (``lightning_latent.hparams.HParamsSummary``), plus the full configuration from
+plugin data (``lightning_latent.experiments.hparams.HParamsSummary``), plus the full configuration from
 ``hparams.yaml`` (dotted keys: ``perturb.p``, ``grpo.group_size`` ...); by default the table shows the
 short-named settings that differ between runs (runs without them: the dotted keys that differ).
 """
@@ -23,7 +23,8 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
-from .reporting import flatten_hparams, markdown_table, read_events, scalars, write_csv
+from .reporting import (find_runs, flatten_hparams, hparams_from_plugin, markdown_table, read_events, scalars,
+                        write_csv)
 
 DEFAULT_METRICS = ["result/test_pass@1", "result/val_pass@1", "val/pass@1", "test/pass@1", "grpo/reward_mean",
                    "grpo/frac_zero_std"]
@@ -53,34 +54,6 @@ class Run:
 def metric_mode(tag: str) -> str:
     """'min' for losses, KL and the like, else 'max'."""
     return "min" if _MINIMISE.search(tag) else "max"
-
-
-def find_runs(logdir: str | Path) -> list[Path]:
-    """Every folder under ``logdir`` (itself included) holding an event file, sorted."""
-    logdir = Path(logdir)
-    # the experiment description written at a log root (lightning_latent.hparams.write_experiment) is no run
-    dirs = {p.parent for p in logdir.rglob("events.out.tfevents.*") if not p.name.endswith(".hparams-experiment")}
-    return sorted(dirs)
-
-
-def _hparams_from_plugin(acc) -> dict[str, Any]:
-    try:
-        from tensorboard.plugins.hparams import plugin_data_pb2
-
-        content = acc.PluginTagToContent("hparams")
-    except (KeyError, ImportError):
-        return {}
-    out: dict[str, Any] = {}
-    for tag, raw in content.items():
-        if not tag.endswith("session_start_info"):
-            continue
-        data = plugin_data_pb2.HParamsPluginData.FromString(raw)
-        for k, v in data.session_start_info.hparams.items():
-            kind = v.WhichOneof("kind")
-            out[k] = getattr(v, kind) if kind else None
-            if kind == "number_value" and float(out[k]).is_integer():
-                out[k] = int(out[k])
-    return out
 
 
 class _HparamsLoader(yaml.SafeLoader):
@@ -118,7 +91,7 @@ def load_run(path: str | Path, name: str | None = None, tags: Iterable[str] | No
     """Read one run's scalars (all, or only ``tags``) and hyperparameters."""
     path = Path(path)
     acc = read_events(path)
-    hp = {**_hparams_from_yaml(path), **_hparams_from_plugin(acc)}
+    hp = {**_hparams_from_yaml(path), **hparams_from_plugin(acc)}
     return Run(name or path.name, path, scalars(acc, tags), hp)
 
 
@@ -145,9 +118,9 @@ def varying_hparams(runs: list[Run], short: bool | None = None) -> list[str]:
     keys = [k for k in order if any(k in r.hparams for r in runs)] if short else \
         sorted({k for r in runs for k in r.hparams})
     if short:  # the HParams tab's rule (hparams.write_experiment)
-        from .hparams import _differs
+        from .hparams import differs
 
-        return [k for k in keys if _differs(k, [r.hparams for r in runs])]
+        return [k for k in keys if differs(k, [r.hparams for r in runs])]
     out = []
     for k in keys:
         vals = {repr(r.hparams.get(k, "<missing>")) for r in runs}
@@ -177,7 +150,7 @@ def table(runs: list[Run], metrics: list[str] | None = None, hparams: list[str] 
 
 
 def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    """The table as markdown (:func:`lightning_latent.reporting.markdown_table`): missing values empty."""
+    """The table as markdown (:func:`lightning_latent.experiments.reporting.markdown_table`): missing values empty."""
     return markdown_table(list(df.columns), df.itertuples(index=False), floatfmt)
 
 
@@ -239,7 +212,7 @@ def compare(logdir: str | Path, out: str | Path | None = None, metrics: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lightning_latent.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lightning_latent.experiments.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("logdir")
     p.add_argument("--out", default=None, help="output folder (default: LOGDIR/compare)")
     p.add_argument("--metrics", nargs="+", default=None, help=f"table metrics (default {DEFAULT_METRICS})")
