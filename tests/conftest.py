@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny GPT-2 models, the synthetic word tokenizer with the Coconut tokens, layouts."""
+"""Shared fixtures: tiny GPT-2 models, the synthetic word tokenizer with the Coconut tokens, layouts, the
+paths of the data shipped in ``tests/fixtures`` and a trained tiny CoT start.
+
+``tests/`` is on ``sys.path`` for every test (this file's folder), so the tests under ``tests/integration``
+and ``tests/experiments`` import these helpers (``from conftest import ...``) and the helper modules
+(``faults``, ``toy_task``, ``toy_arm``, ``golden``, ``cot_start``) as the top-level ones do."""
 from __future__ import annotations
 
 import json
@@ -13,8 +18,15 @@ from lightning_latent.data.synthetic import SyntheticConfig, synthetic_record, s
 from lightning_latent.data.tokenizer import build_word_tokenizer
 from lightning_latent.model.latent_lm import LatentLM
 
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent  # the repository root (experiments/, docs/, benchmarks/, notebooks/)
+FIXTURES = TESTS / "fixtures"
 # Outputs of the reference Coconut implementation (provenance in the folder's README.md); part of the repository.
-FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "coconut_reference"
+FIXTURE_DIR = FIXTURES / "coconut_reference"
+# Real data, cut to a few hundred rows and part of the repository (sources, licences and cuts in each
+# folder's README.md): GSM8K train.jsonl (300 rows) / test.jsonl (100), ProsQA valid.json / test.json (100 each).
+GSM8K = FIXTURES / "gsm8k"
+PROSQA = FIXTURES / "prosqa"
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared 2-core machine
 
@@ -89,3 +101,38 @@ def tiny_trainer(root, **overrides):
               default_root_dir=str(root))
     kw.update(overrides)
     return L.Trainer(**kw)
+
+
+def write_gsm8k_folder(d: Path, n_train: int = 60, n_test: int = 8, bad: int = 3) -> None:
+    """A local GSM8K-layout folder (train.jsonl / test.jsonl) from synthetic records, plus ``bad`` malformed
+    training lines (not JSON, no '####', no question) that a run must count and skip."""
+    cfg = SyntheticConfig(max_number=20, max_value=60)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def row(r):
+        return json.dumps({"question": r.question, "answer": "\n".join(r.steps) + f"\n#### {r.answer}"})
+
+    lines = [row(synthetic_record(cfg, "train", i)) for i in range(n_train)]
+    bad_lines = ["{not json", json.dumps({"question": "q", "answer": "no marker"}), json.dumps({"answer": "#### 3"})]
+    for j in range(bad):
+        lines.insert(7 * (j + 1), bad_lines[j % 3])
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "test.jsonl").write_text("\n".join(row(synthetic_record(cfg, "test", i)) for i in range(n_test)) + "\n")
+
+
+@pytest.fixture(scope="session")
+def cot_ckpt(tmp_path_factory):
+    """A tiny GPT-2 trained for 150 CoT steps on one-step additions (``cot_start.py``), saved as a checkpoint:
+    a model that scores > 0, so its GRPO groups are mixed before anything goes wrong. Trained once per session."""
+    import lightning as L
+
+    from cot_start import fit, tiny
+    from lightning_latent.schedule import Phase
+
+    root = tmp_path_factory.mktemp("cot")
+    L.seed_everything(0, verbose=False)
+    m = tiny([Phase("cot", steps=150)], batch_size=32)
+    t = fit(m, root)
+    path = root / "cot.ckpt"
+    t.save_checkpoint(str(path))
+    return str(path)

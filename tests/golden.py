@@ -5,7 +5,7 @@
 advantages) and saves, per setting, every gradient handed to the optimiser, every logged scalar after
 every step and the final weights. ``python tests/golden.py compare A.pt B.pt`` says whether two
 recordings are bit-identical (the refactor check) and prints the largest difference otherwise.
-``tests/test_golden.py`` replays the settings against the committed ``tests/fixtures/golden_grpo.pt``
+``tests/integration/test_golden.py`` replays the settings against the committed ``tests/fixtures/golden_grpo.pt``
 with a small tolerance, so a later change that alters the update is caught.
 
 Timings (``perf/*``) are left out: they differ from run to run.

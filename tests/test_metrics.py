@@ -1,19 +1,13 @@
-"""Evaluation metrics: pass@k, maj@k, torchmetrics classes (incl. a 2-process gloo DDP sync)."""
+"""lightning_latent/metrics.py: pass@k, maj@k, intervals, reward trends and the torchmetrics classes (their
+2-process gloo DDP sync: tests/integration/test_ddp_metrics.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
 from math import comb
-from pathlib import Path
 
 import pytest
-import scipy.stats
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_latent.metrics import (
     ExactMatchAccuracy,
@@ -149,100 +143,6 @@ def test_majority_at_k_metric() -> None:
     assert m2.compute().item() == 0.0
     with pytest.raises(ValueError):
         m2.update([["1"]], ["1"])
-
-
-# --------------------------------------------------------------------------------------------------
-# DDP: two gloo processes, different data, both must see the global value
-# --------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        acc, pak, maj = ExactMatchAccuracy(), PassAtK(k=2), MajorityAtK()
-        if rank == 0:
-            acc.update(["1", "2", "3"], ["1", "2", "0"])  # 2 / 3
-            pak.update(torch.tensor([[1, 0, 1, 0, 0]], dtype=torch.bool))  # 0.7
-            maj.update([["4", "4", "5"]], ["4"])  # 1 / 1
-        else:
-            acc.update(["9"], ["8"])  # 0 / 1
-            pak.update(torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))  # 0, 1
-            maj.update([["1", "2"], [None, "3", "3"]], ["2", "3"])  # "1" wrong, "3" right
-        # compute() syncs, then restores the local states; read the global n in a sync context.
-        with acc.sync_context():
-            global_n = int(acc.n.item())
-        result = {
-            "acc": acc.compute().item(),
-            "acc_n": global_n,
-            "local_n": int(acc.n.item()),
-            "pass2": pak.compute().item(),
-            "maj": maj.compute().item(),
-        }
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.ddp
-@pytest.mark.timeout(120)
-def test_metrics_ddp_sync(tmp_path: Path) -> None:
-    world = 2
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    for rank in range(world):
-        r = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
-        assert r["acc"] == pytest.approx(2 / 4)  # (2 + 0) / (3 + 1), not a mean of means
-        assert r["acc_n"] == 4
-        assert r["local_n"] == (3 if rank == 0 else 1)
-        assert r["pass2"] == pytest.approx((0.7 + 0.0 + 1.0) / 3)
-        assert r["maj"] == pytest.approx(2 / 3)
-
-
-def test_phase_checks_judge_rl_by_the_paired_interval():
-    from lightning_latent.callbacks import phase_checks, paired_row
-
-    rows = [{"phase": "cot", "kind": "cot", "test_pass@1": 0.5, "test_ci95": 0.04, "test_n": 500},
-            {"phase": "coconut", "kind": "coconut", "test_pass@1": 0.15, "test_ci95": 0.03, "test_n": 500},
-            {"phase": "dropout_grpo", "kind": "grpo", "test_pass@1": 0.118, "test_ci95": 0.028, "test_n": 500}]
-    (c,) = phase_checks(rows)  # no per-problem record: reported, never judged met
-    assert c["check"] == "dropout_grpo above coconut (test pass@1, paired)" and c["met"] is False
-    assert "11.8% vs 15.0%, difference -3.2 points" in c["detail"] and "not judged" in c["detail"]
-    assert phase_checks(rows[:2]) == []
-
-    # 100 problems: 10 fixed, 2 broken, the rest unchanged -> +8 points, d in {-1, 0, 1}
-    before = {i: i < 30 for i in range(100)}
-    after = dict(before)
-    for i in range(30, 40):
-        after[i] = True
-    after[0] = after[1] = False
-    p = paired_row(before, after, "cpu")
-    d = torch.tensor([float(after[i]) - float(before[i]) for i in range(100)], dtype=torch.float64)
-    sd = d.std(unbiased=True).item()
-    assert p["test_paired_n"] == 100 and p["test_paired_diff"] == pytest.approx(0.08)
-    assert p["test_paired_ci95"] == pytest.approx(scipy.stats.t.ppf(0.975, 99) * sd / 10)  # sd / sqrt(100)
-    rows[1]["test_pass@1"], rows[2]["test_pass@1"] = 0.30, 0.38
-    rows[2].update(p)
-    (c,) = phase_checks(rows)
-    assert c["met"] is True and "paired difference +8.0 points" in c["detail"] and "n=100" in c["detail"]
-    # the same marginal gain, noisier per problem (8 more fixed, 8 more broken): a wider interval
-    for i in range(40, 48):
-        after[i] = True
-    for i in range(2, 10):
-        after[i] = False
-    wide = paired_row(before, after, "cpu")
-    assert wide["test_paired_diff"] == pytest.approx(0.08) and wide["test_paired_ci95"] > p["test_paired_ci95"]
-    # a gain whose interval covers 0 is not met
-    rows[2].update(test_paired_diff=0.01, test_paired_ci95=0.02, test_paired_n=100)
-    assert phase_checks(rows)[0]["met"] is False
-    # only problems present in both evaluations are paired
-    assert paired_row({0: True, 1: False}, {1: True, 2: True}, "cpu")["test_paired_n"] == 1
 
 
 def test_mean_and_ci95_from_sums_equals_the_direct_interval():

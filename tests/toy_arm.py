@@ -1,6 +1,6 @@
 """A toy arm defined outside the package, in one file: uniform noise on the fed-back thoughts.
 
-Importing this module registers it; ``tests/test_registry_arm.py`` runs it through a fit. It is the
+Importing this module registers it; ``tests/test_arms.py`` runs it through a fit. It is the
 whole of what a new arm with a new behaviour takes (plus a YAML under experiments/configs/<task>/arms/).
 """
 from __future__ import annotations

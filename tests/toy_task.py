@@ -2,7 +2,7 @@
 
 Importing this module registers it; nothing in ``lightning_latent`` names it. It brings its own word
 vocabulary (a model built from scratch for it speaks only these words), shown by
-``tests/test_registry_task.py``.
+``tests/test_tasks.py``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a throwaway PostgreSQL server on 127.0.0.1 for the sweep tests and print its URL.
-#   URL=$(tests/services/start_postgres.sh) && LL_POSTGRES_URL=$URL pytest -m postgres tests/test_sweep.py
+#   URL=$(tests/services/start_postgres.sh) && LL_POSTGRES_URL=$URL pytest -m postgres tests/experiments/test_sweep.py
 # Installs Debian's `postgresql` with apt-get when missing (needs root), starts (or reuses) a cluster
 # listening on loopback only, creates a user and a database. Everything but the URL goes to stderr.
 # Env: LL_PG_PORT (5433), LL_PG_USER (ll_sweep), LL_PG_PASSWORD (ll_sweep), LL_PG_DB (ll_sweep),

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_latent.data.synthetic import SyntheticConfig, synthetic_record
+from conftest import TESTS, write_gsm8k_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-FAULTS_RUN = str(ROOT / "tests" / "faults_run.py")
+FAULTS_RUN = str(TESTS / "faults_run.py")
 TINY = ["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
         "--data.val_limit", "8", "--data.test_limit", "8", "--data.eval_batch_size", "8",
         "--model.batch_size", "4", "--model.grpo_prompts", "2", "--model.grpo.group_size", "4",
@@ -72,23 +71,6 @@ def comparable(sc: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
 
 def trace(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def write_gsm8k_folder(d: Path, n_train: int = 60, n_test: int = 8, bad: int = 3) -> None:
-    """A local GSM8K-layout folder (train.jsonl / test.jsonl) from synthetic records, plus ``bad`` malformed
-    training lines (not JSON, no '####', no question) that a run must count and skip."""
-    cfg = SyntheticConfig(max_number=20, max_value=60)
-    d.mkdir(parents=True, exist_ok=True)
-
-    def row(r):
-        return json.dumps({"question": r.question, "answer": "\n".join(r.steps) + f"\n#### {r.answer}"})
-
-    lines = [row(synthetic_record(cfg, "train", i)) for i in range(n_train)]
-    bad_lines = ["{not json", json.dumps({"question": "q", "answer": "no marker"}), json.dumps({"answer": "#### 3"})]
-    for j in range(bad):
-        lines.insert(7 * (j + 1), bad_lines[j % 3])
-    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "test.jsonl").write_text("\n".join(row(synthetic_record(cfg, "test", i)) for i in range(n_test)) + "\n")
 
 
 CASES = {
@@ -242,22 +224,6 @@ def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
     assert torch.equal(emb, w.after[2])
 
 
-def test_training_batches_do_not_depend_on_dataloader_workers(tmp_path):
-    from lightning_latent.data.datamodule import LatentDataModule, _PlannedBatches
-
-    def batches(workers: int, task_kwargs: dict) -> list[list[int]]:
-        dm = LatentDataModule(**task_kwargs)
-        ds = _PlannedBatches(dm.source("train"), batch_size=3, n_batches=7, offset=5)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-        return [[r.idx for r in b] for b in loader]
-
-    write_gsm8k_folder(tmp_path / "g")
-    for kw in ({}, {"task": "gsm8k", "path": str(tmp_path / "g"), "val_size": 8, "shuffle_buffer": 16}):
-        ref = batches(0, kw)
-        assert len(ref) == 7 and all(len(b) == 3 for b in ref)
-        assert batches(2, kw) == ref and batches(3, kw) == ref
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--model.no_such_key", "3"], r"unrecognized arguments: --model.no_such_key"),
@@ -274,26 +240,3 @@ def test_bad_config_and_unreachable_names_fail_before_training(tmp_path, args, m
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode != 0 and re.search(message, p.stderr), p.stderr[-3000:]
     assert not list(tmp_path.glob("logs/**/*.ckpt"))  # nothing trained
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_skipped_rows_are_reported_with_any_number_of_workers(tmp_path, workers):
-    """Bad training lines read inside DataLoader workers still reach the run's skip report."""
-    from lightning_latent.data.datamodule import LatentDataModule
-    from lightning_latent.data.sources import SKIPS
-    from lightning_latent.model.build import ModelConfig
-    from lightning_latent.module import LatentReasoner
-    from lightning_latent.schedule import Phase
-
-    SKIPS._counts.clear()
-    write_gsm8k_folder(tmp_path / "g", n_train=40, bad=3)
-    dm = LatentDataModule(task="gsm8k", path=str(tmp_path / "g"), val_size=4, val_limit=4, test_limit=4,
-                          eval_batch_size=4, shuffle_buffer=0, num_workers=workers)
-    # 12 steps x 4 records = 48 > 36 training rows: the stream wraps once; the first pass skips the three
-    # bad lines (after good rows 7, 13, 19), the second pass reads 12 good rows and so meets the first again
-    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), schedule=[Phase("cot", steps=12)],
-                       batch_size=4)
-    _trainer(tmp_path, []).fit(m, datamodule=dm)
-    report = dm.skip_report()
-    train_skips = {k: v for k, v in report.items() if k.startswith("gsm8k")}
-    assert sum(train_skips.values()) == 4, report

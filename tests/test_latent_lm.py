@@ -1,34 +1,20 @@
-"""The Coconut recurrence (LatentLM), batched generation and the curriculum layout.
+"""lightning_latent/model/latent_lm.py: the Coconut recurrence (LatentLM) and batched generation.
 
 * the reference Coconut fixture is reproduced (logits, losses, gradient norms, our collation);
 * the KV-cached, batched recurrence equals a naive recompute-everything implementation (logits and
   gradients) on left-padded rows with different numbers of thoughts;
-* batched generation equals one-at-a-time generation (greedy and seeded sampling);
-* the layout gives the exact token lists of the reference Coconut code at every stage.
+* batched generation equals one-at-a-time generation (greedy and seeded sampling).
+
+The layout (token lists at every stage) is tested in test_layout.py.
 """
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lightning_latent.data.layout import (
-    END,
-    IGNORE,
-    LATENT,
-    START,
-    CurriculumConfig,
-    Layout,
-    add_latent_tokens,
-    collate_prompts,
-    collate_train,
-)
-from lightning_latent.data.records import BadRow, Record
-from lightning_latent.data.synthetic import SyntheticConfig, synthetic_vocabulary
-from lightning_latent.data.tokenizer import build_word_tokenizer
+from lightning_latent.data.layout import IGNORE, CurriculumConfig, Layout, collate_prompts, collate_train
 from lightning_latent.model.latent_lm import LatentLM, generate, positions_from_mask
 
 from conftest import FIXTURE_DIR, tiny_gpt2
@@ -414,141 +400,6 @@ def test_sampling_depends_on_seed(make_latent_lm, word_tokenizer, synth_records)
     g = generate(model, pb["input_ids"], pb["attention_mask"], 6, lay.eos_id, lay.pad_id, 1.0,
                  torch.arange(6) * 1000 + 7)
     assert len({tuple(t.tolist()) for t in g.tokens}) > 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Layout
-# --------------------------------------------------------------------------------------------------
-
-REC = Record(question="Tom has 3 apples.", steps=("<<3+2=5>>", "<<5*2=10>>", "<<10-1=9>>"), answer="9", idx=7)
-
-
-def _ids(tok, text):
-    return tok.encode(text, add_special_tokens=False)
-
-
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_layout_stage_k(word_tokenizer, stage):
-    tok = word_tokenizer
-    lay = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3))
-    q = _ids(tok, "Tom has 3 apples .\n")
-    assert tok.convert_ids_to_tokens(q) == ["Tom", "has", "3", "apples", ".", "\n"]
-    steps = [_ids(tok, "<< 3 + 2 = 5 >>\n"), _ids(tok, "<< 5 * 2 = 10 >>\n"), _ids(tok, "<< 10 - 1 = 9 >>\n")]
-    assert all(len(s) == 8 for s in steps)
-    ans = _ids(tok, "### 9") + [tok.eos_token_id]
-    assert len(ans) == 3
-    s, e, lt = (tok.convert_tokens_to_ids(x) for x in (START, END, LATENT))
-    head = q + [s] + [lt] * (2 * stage) + [e]
-    tail = [t for st in steps[stage:] for t in st] + ans
-    ex = lay.train_example(REC, stage)
-    assert ex["input_ids"] == head + tail
-    assert ex["labels"] == [IGNORE] * len(head) + tail
-    assert ex["idx"] == 7
-    # the generation prompt (eval rule): question, markers, min(n_steps, stage) * c slots
-    assert lay.prompt(REC, stage) == head
-    # cot=True: no markers, no latents, every step
-    cot = lay.train_example(REC, stage, cot=True)
-    assert cot["input_ids"] == q + [t for st in steps for t in st] + ans
-    assert cot["labels"] == [IGNORE] * len(q) + [t for st in steps for t in st] + ans
-    assert lay.prompt(REC, stage, cot=True) == q
-
-
-def test_layout_past_max_stage_and_padding(word_tokenizer):
-    tok = word_tokenizer
-    lt = tok.convert_tokens_to_ids(LATENT)
-    short = Record(question="Ann has 4 pens.", steps=("<<4+1=5>>",), answer="5")
-    # max_latent_stage=2, stage 3 > max: all steps removed, min(n_steps, max) * c slots
-    lay = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=2))
-    ex = lay.train_example(REC, 3)
-    assert ex["input_ids"].count(lt) == 4 and _ids(tok, "<<")[0] not in ex["input_ids"]
-    assert lay.train_example(short, 3)["input_ids"].count(lt) == 2
-    assert lay.prompt(short, 3).count(lt) == 2
-    # training inside the curriculum: stage * c slots even past the record's number of steps
-    assert lay.train_example(short, 2)["input_ids"].count(lt) == 4
-    assert lay.prompt(short, 2).count(lt) == 2  # eval rule: min(n_steps, stage) * c
-    padded = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=2, pad_latent_to_max=True))
-    assert padded.train_example(short, 3)["input_ids"].count(lt) == 4
-    assert padded.prompt(short, 3).count(lt) == 4
-    assert padded.prompt(short, 2).count(lt) == 4
-
-
-def test_layout_uniform_prob(word_tokenizer):
-    tok = word_tokenizer
-    lt = tok.convert_tokens_to_ids(LATENT)
-    lay = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3, uniform_prob=1.0))
-    base = {k: len(lay.train_example(REC, k)["input_ids"]) for k in range(4)}
-    seen = []
-    for seed in range(40):
-        ex = lay.train_example(REC, 1, rng=random.Random(seed))
-        n = ex["input_ids"].count(lt)
-        assert n % 2 == 0 and 0 <= n // 2 <= len(REC.steps)
-        k = n // 2
-        assert ex == lay.train_example(REC, k), "stage drawn uniformly must lay out exactly like stage k"
-        assert len(ex["input_ids"]) == base[k]
-        seen.append(k)
-    assert set(seen) == {0, 1, 2, 3}
-    # same rng seed -> same draw
-    assert lay.train_example(REC, 1, rng=random.Random(5)) == lay.train_example(REC, 1, rng=random.Random(5))
-    # without an rng the scheduled stage is used
-    assert lay.train_example(REC, 1)["input_ids"].count(lt) == 2
-
-
-def test_layout_no_cot(word_tokenizer):
-    tok = word_tokenizer
-    lay = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3, mode="no_cot"))
-    q = _ids(tok, "Tom has 3 apples .\n")
-    ans = _ids(tok, "### 9") + [tok.eos_token_id]
-    for stage in (0, 2, 5):
-        ex = lay.train_example(REC, stage)
-        assert ex["input_ids"] == q + ans
-        assert ex["labels"] == [IGNORE] * len(q) + ans
-        assert lay.prompt(REC, stage) == q
-
-
-def test_layout_pause_as_thought(word_tokenizer):
-    tok = word_tokenizer
-    co = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3))
-    pa = Layout(tok, CurriculumConfig(c_thought=2, max_latent_stage=3, mode="pause_as_thought"))
-    for stage in range(4):
-        assert pa.train_example(REC, stage) == co.train_example(REC, stage)
-        assert pa.prompt(REC, stage) == co.prompt(REC, stage)
-    lm = tiny_gpt2(len(tok), seed=5)
-    ids = torch.tensor([pa.train_example(REC, 2)["input_ids"]])
-    with torch.no_grad():
-        plain = lm(ids).logits
-        pause = LatentLM(lm, pa.latent_id, pa.start_id, pa.end_id, feedback=False)(ids).logits
-        latent = LatentLM(lm, pa.latent_id, pa.start_id, pa.end_id, feedback=True)(ids).logits
-    assert (pause - plain).abs().max().item() < 1e-5
-    assert (latent - plain).abs().max().item() > 1e-3
-
-
-def test_layout_too_long(word_tokenizer):
-    lay = Layout(word_tokenizer, CurriculumConfig(c_thought=2, max_latent_stage=3), max_length=20)
-    n = len(lay.train_example(REC, 3)["input_ids"])
-    assert n <= 20
-    with pytest.raises(BadRow) as err:
-        lay.train_example(REC, 0)
-    assert err.value.reason == "too_long"
-    exact = Layout(word_tokenizer, CurriculumConfig(c_thought=2, max_latent_stage=3), max_length=n)
-    exact.train_example(REC, 3)  # exactly max_length is fine
-    with pytest.raises(BadRow):
-        Layout(word_tokenizer, CurriculumConfig(c_thought=2, max_latent_stage=3), max_length=n - 1).train_example(REC, 3)
-
-
-def test_add_latent_tokens_initialises_from_calc_token():
-    tok = build_word_tokenizer(synthetic_vocabulary(SyntheticConfig()))
-    n0 = len(tok)
-    lm = tiny_gpt2(n0, seed=6)
-    ids = add_latent_tokens(tok, lm)
-    assert sorted(ids.values()) == [n0, n0 + 1, n0 + 2]
-    w = lm.get_input_embeddings().weight
-    assert w.shape[0] == n0 + 3
-    src = tok.convert_tokens_to_ids("<<")
-    for i in ids.values():
-        assert torch.equal(w[i], w[src])
-    assert torch.equal(lm.get_output_embeddings().weight, w)
-    # idempotent
-    assert add_latent_tokens(tok, lm) == ids and lm.get_input_embeddings().weight.shape[0] == n0 + 3
 
 
 def test_cache_argument_name_and_silent_drop_guard():

@@ -13,7 +13,7 @@ import pytest
 from lightning_latent.metrics import mean_and_ci95
 from lightning_latent.experiments.study import score
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO as ROOT
 
 
 def test_score_and_intervals_by_hand():
@@ -171,9 +171,7 @@ def test_reward_trends_in_the_report(tmp_path):
     cell("train_temperature_s0", [0.5 + 0.002 * i + 0.01 * (-1) ** i for i in range(100)])  # rises 0.16
     cell("train_temperature_s1", [0.5 + 0.02 * i for i in range(10)])  # every 10 steps: not judged
     cell("train_none_s0", [0.7 + 0.01 * (-1) ** i for i in range(100)])  # flat
-    from lightning_latent.experiments.study_report import StudyReport
-
-    report = StudyReport(st)
+    report = st.reporter()
     trends = report.reward_trends()
     assert set(trends) == {"none", "temperature"} and set(trends["temperature"]) == {0}
     t = trends["temperature"][0]

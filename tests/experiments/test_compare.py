@@ -1,20 +1,19 @@
-"""Run comparison from TensorBoard event files, the HParams summary, and the comparison notebook."""
+"""lightning_latent/experiments/compare.py: run comparison from TensorBoard event files (hyperparameters from
+the HParams summary or hparams.yaml), and the comparison notebook."""
 from __future__ import annotations
 
 import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from lightning_latent.experiments import compare
-from lightning_latent.experiments.hparams import flatten_hparams
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def write_run(path: Path, values: dict[str, list[tuple[int, float]]], hparams: dict | None = None) -> None:
@@ -72,17 +71,6 @@ def test_compare_known_logs(known_logs, tmp_path):
     md = (out / "runs.md").read_text()
     assert md.startswith("| run |") and "arm_b/version_0" in md
     assert (out / "val_pass@1.png").stat().st_size > 1000 and (out / "train_loss.png").exists()
-
-
-def test_flatten_hparams():
-    @dataclass
-    class Inner:
-        p: float = 0.1
-        sites: list = field(default_factory=lambda: ["attn", "mlp"])
-
-    flat = flatten_hparams({"perturb": Inner(), "init_from": None, "schedule": [{"kind": "grpo", "steps": 4}]})
-    assert flat == {"perturb.p": 0.1, "perturb.sites": '["attn", "mlp"]', "init_from": "None",
-                    "schedule": '[{"kind": "grpo", "steps": 4}]'}
 
 
 @pytest.fixture(scope="module")

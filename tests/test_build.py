@@ -1,10 +1,7 @@
-"""init_from: a Hugging Face model folder, a reference Coconut state dict (.pt), our .ckpt; bad files."""
+"""lightning_latent/model/build.py: building the latent model: a model from scratch (config checks, the
+Coconut tokens), ``init_from`` a Hugging Face model folder, a reference Coconut state dict (.pt) or our
+.ckpt; bad files named."""
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +10,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lightning_latent.data.synthetic import SyntheticConfig, synthetic_vocabulary
 from lightning_latent.data.tokenizer import build_word_tokenizer
 from lightning_latent.model.build import ModelConfig
-from lightning_latent.checkpoints import load_module
 from lightning_latent.module import LatentReasoner
 from lightning_latent.schedule import Phase
 
@@ -81,29 +77,18 @@ def test_wrong_shape_and_foreign_files_name_the_problem(hf_folder, tmp_path):
         LatentReasoner(backbone=ModelConfig(name_or_path=str(tmp_path / "no-such-model")))
 
 
-PRE_RENAME = Path(__file__).resolve().parent / "fixtures" / "pre_rename"
+def test_from_scratch_model_and_config_checks():
+    from lightning_latent.data.layout import CurriculumConfig
+    from lightning_latent.model.build import build_latent_model, tokenizer_from_bytes, tokenizer_to_bytes
 
-
-def test_checkpoint_written_before_the_backbone_rename_loads(tmp_path):
-    """A checkpoint whose hyperparameters say ``model=`` (and name the configs ``lightning_latent.module.*``)
-    still rebuilds, starts a new run (init_from) and resumes under the new names (--ckpt_path)."""
-    ck = PRE_RENAME / "last.ckpt"
-    assert "model" in torch.load(ck, map_location="cpu", weights_only=False)["hyper_parameters"]
-    m = load_module(str(ck))
-    assert m.backbone_cfg.n_layer == 1 and m.step_count == 3 and m.segment.kind == "grpo"
-    fresh = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=128), max_length=128,
-                           init_from=str(ck), schedule=[Phase("grpo", steps=1)])
-    assert all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in m.model.state_dict().items())
-    # Lightning's own loading (weights_only=True) through the CLI: one more GRPO step on top of the old run.
-    args = [sys.executable, str(PRE_RENAME.parents[2] / "experiments" / "run.py"), "fit",
-            "--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
-            "--model.backbone.n_positions", "128", "--model.max_length", "128",
-            "--model.schedule", '[{"kind":"cot","steps":2},{"kind":"grpo","steps":2,"name":"dropout_grpo"}]',
-            "--model.grpo.group_size", "2", "--model.grpo_prompts", "2", "--model.grpo.beta", "0.05",
-            "--data.val_limit", "4", "--data.test_limit", "4", "--data.eval_batch_size", "4",
-            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-            "--ckpt_path", str(ck)]
-    p = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
-    assert summary["steps"] == 4
+    tok, layout, model = build_latent_model(ModelConfig(n_layer=1, n_embd=16, n_head=2, n_positions=64),
+                                            CurriculumConfig(c_thought=1, max_latent_stage=1), 64,
+                                            SyntheticConfig(), None, None)
+    assert model.lm.config.n_layer == 1 and model.lm.config.n_embd == 16 and model.lm.config.n_positions == 64
+    assert model.lm.get_input_embeddings().weight.shape[0] == len(tok)  # the Coconut tokens included
+    assert (model.latent_id, model.start_id, model.end_id) == (layout.latent_id, layout.start_id, layout.end_id)
+    assert tok.convert_ids_to_tokens(layout.latent_id) == "<|latent|>"
+    back = tokenizer_from_bytes(tokenizer_to_bytes(tok))  # what a checkpoint carries
+    assert back.get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="backbone.n_embd=30 must be divisible by backbone.n_head=4"):
+        ModelConfig(n_layer=1, n_embd=30, n_head=4)

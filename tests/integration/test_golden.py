@@ -8,14 +8,14 @@ here a tolerance keeps the test meaningful on other CPUs (other kernels, other s
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 import golden
+from conftest import FIXTURES
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "golden_grpo.pt"
+FIXTURE = FIXTURES / "golden_grpo.pt"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The arm registry: every arm's behaviour comes from its entry, and a new arm is one entry."""
+"""lightning_latent/model/arms.py, the arm registry: every arm's behaviour comes from its entry, and a new arm
+is one entry (``tests/toy_arm.py``)."""
 from __future__ import annotations
 
 import lightning as L

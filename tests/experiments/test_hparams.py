@@ -1,22 +1,24 @@
-"""TensorBoard HParams data, read back from the event files of two tiny runs: the defining settings under
-short names (only those that apply to the arm), per-phase metrics, and the experiment description at the
-log root (settings that differ only, test pass@1 first)."""
+"""lightning_latent/experiments/hparams.py: hyperparameters flattened for TensorBoard, and the HParams data
+read back from the event files of two tiny runs: the defining settings under short names (only those that
+apply to the arm), per-phase metrics, and the experiment description at the log root (settings that differ
+only, test pass@1 first)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import pytest
 from tensorboard.plugins.hparams import metadata
 
 from lightning_latent.experiments import compare
-from lightning_latent.experiments.hparams import write_experiment
+from lightning_latent.experiments.hparams import flatten_hparams, write_experiment
 from lightning_latent.experiments import reporting
 from lightning_latent.experiments.reporting import read_events
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TINY = ["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
         "--model.batch_size", "8", "--model.grpo_prompts", "2", "--data.val_limit", "4", "--data.test_limit", "4",
         "--data.eval_batch_size", "4", "--model.grpo.max_new_tokens", "4", "--model.evaluation.max_new_tokens", "8",
@@ -82,3 +84,14 @@ def test_experiment_at_the_root(two_runs):
     assert len(list(two_runs.glob("events.out.tfevents.*"))) == 1
     df = compare.table(compare.load_runs(two_runs))
     assert list(df.columns[1:4]) == ["arm", "p", "K"]
+
+
+def test_flatten_hparams():
+    @dataclass
+    class Inner:
+        p: float = 0.1
+        sites: list = field(default_factory=lambda: ["attn", "mlp"])
+
+    flat = flatten_hparams({"perturb": Inner(), "init_from": None, "schedule": [{"kind": "grpo", "steps": 4}]})
+    assert flat == {"perturb.p": 0.1, "perturb.sites": '["attn", "mlp"]', "init_from": "None",
+                    "schedule": '[{"kind": "grpo", "steps": 4}]'}

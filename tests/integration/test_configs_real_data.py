@@ -1,4 +1,5 @@
-"""Smoke runs of the shipped GSM8K and ProsQA configs on the real files in ../shared/data.
+"""Smoke runs of the shipped GSM8K and ProsQA configs on real rows (``tests/fixtures/gsm8k`` and
+``tests/fixtures/prosqa``: the first rows of each file, see their README.md).
 
 The configs name ``openai-community/gpt2``, which cannot be downloaded here: the test saves a tiny GPT-2
 with a byte-level BPE tokenizer trained on the spot from GSM8K text (``save_pretrained``) and points
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from conftest import GSM8K, PROSQA, REPO as ROOT
+
 RUN = str(ROOT / "experiments" / "run.py")
 CONFIGS = ROOT / "experiments" / "configs"
+DATA = {"gsm8k": GSM8K, "prosqa": PROSQA}
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (SHARED / "gsm8k" / "train.jsonl").is_file(), reason="shared data absent")]
+pytestmark = pytest.mark.slow
 
 SMALL = ["--data.val_limit", "4", "--data.test_limit", "4", "--data.eval_batch_size", "4",
          "--model.evaluation.max_new_tokens", "8", "--model.max_length", "256",
@@ -38,7 +39,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     texts = []
-    with open(SHARED / "gsm8k" / "train.jsonl") as f:
+    with open(GSM8K / "train.jsonl") as f:
         for i, line in enumerate(f):
             if i >= 400:
                 break
@@ -76,7 +77,8 @@ def check_summary(vdir: Path, phases: list[str]) -> None:
 
 
 def test_gsm8k_cot_coconut_dropout_grpo_configs(tmp_path, tiny_gpt2):
-    data = ["--data.path", str(SHARED / "gsm8k"), "--model.backbone.name_or_path", str(tiny_gpt2)]
+    # the configs hold out 500 training rows for validation; the fixture has 300: hold out 50
+    data = ["--data.path", str(GSM8K), "--data.val_size", "50", "--model.backbone.name_or_path", str(tiny_gpt2)]
     cot = run(tmp_path, "--config", str(CONFIGS / "gsm8k" / "cot.yaml"), *data, "--model.batch_size", "4",
               "--model.schedule", '[{"kind":"cot","steps":2}]')
     check_summary(cot, ["cot"])
@@ -96,12 +98,12 @@ def test_gsm8k_cot_coconut_dropout_grpo_configs(tmp_path, tiny_gpt2):
 
 @pytest.mark.parametrize("task", ["prosqa"])
 def test_coconut_json_configs(tmp_path, tiny_gpt2, task):
-    # the shared copy has valid.json and test.json only: the validation file doubles as training data
+    # the fixture has valid.json and test.json only: the validation file doubles as training data
     d = tmp_path / "data"
     d.mkdir()
     for name in ("valid.json", "test.json"):
-        shutil.copy(SHARED / task / name, d / name)
-    shutil.copy(SHARED / task / "valid.json", d / "train.json")
+        shutil.copy(DATA[task] / name, d / name)
+    shutil.copy(DATA[task] / "valid.json", d / "train.json")
     data = ["--data.path", str(d), "--model.backbone.name_or_path", str(tiny_gpt2), "--model.max_length", "1024"]
     coco = run(tmp_path, "--config", str(CONFIGS / task / "coconut.yaml"), *data, "--model.batch_size", "4",
                "--model.schedule", '[{"kind":"cot","steps":1},{"kind":"coconut","steps":1,"stages":[1]}]')

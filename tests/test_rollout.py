@@ -1,4 +1,5 @@
-"""Rollouts (prompts x K under per-row perturbations) and the replay of their log-probs.
+"""lightning_latent/rl/rollout.py: rollouts (prompts x K under per-row perturbations), the replay of their
+log-probs, truncated rollouts, and rollouts of GRPO on a CoT model (stage 0, the CoT prompt).
 
 A tiny random GPT-2 over the synthetic word tokenizer; rewards are a deterministic function of the
 decoded text with several levels, so equal rollouts give exactly equal rewards and different ones
@@ -11,13 +12,17 @@ import dataclasses
 import pytest
 import torch
 
+from lightning_latent.data.datamodule import LatentDataModule
 from lightning_latent.data.layout import CurriculumConfig, Layout
 from lightning_latent.model.latent_lm import LatentLM, positions_from_mask
 from lightning_latent.model.perturb import PerturbConfig, Perturber
 from lightning_latent.rl.loss import group_advantages, group_stats, grpo_loss, sequence_logprobs
-from lightning_latent.rl.rollout import replay_logprobs, rollout, rollout_seed
+from lightning_latent.rl.rewards import REWARDS
+from lightning_latent.rl.rollout import replay_logprobs, rollout, rollout_seed, rollout_stats
+from lightning_latent.schedule import Phase
 
-from conftest import tiny_trainer, tiny_gpt2
+from conftest import tiny_gpt2
+from cot_start import SYN, grpo_from, tiny
 
 B, K, NEW = 4, 4, 6
 STAGE = 4  # past max_latent_stage=3: every step latent, 3 thoughts for a 3-step record
@@ -271,38 +276,40 @@ def test_replay_treats_generated_latent_ids_as_tokens(setup):
     assert _answer_gap(logp, batch) <= 1e-5
 
 
-@pytest.mark.parametrize("aggregation", ["grpo", "dapo"])
-def test_micro_batched_grpo_update_equals_whole_batch(tmp_path, aggregation):
-    """The LightningModule's GRPO step with ``grpo.micro_batch_rows=3`` (8 rollouts: 3 + 3 + 2 rows, one
-    backward each) leaves the same parameters as one backward over the whole batch (mu=2, beta>0), and
-    so does the whole batch with checkpointed latent passes (``model.checkpoint_latents``)."""
-    import lightning as L
+# --------------------------------------------------------------------------------------------------
+# From a trained CoT start (cot_start.py): truncated rollouts, GRPO on a CoT model
+# --------------------------------------------------------------------------------------------------
 
-    import faults  # noqa: F401  (registers the text_hash reward: mixed groups, a non-zero gradient)
-    from lightning_latent.data.datamodule import LatentDataModule
-    from lightning_latent.data.layout import CurriculumConfig
-    from lightning_latent.model.build import ModelConfig
-    from lightning_latent.module import LatentReasoner
-    from lightning_latent.rl.update import GRPOConfig
-    from lightning_latent.schedule import Phase
 
-    def run(micro, ckpt=False):
-        L.seed_everything(0, verbose=False)
-        m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2, checkpoint_latents=ckpt),
-                           curriculum=CurriculumConfig(c_thought=1, max_latent_stage=2),
-                           schedule=[Phase("grpo", steps=2)], grpo_prompts=2,
-                           grpo=GRPOConfig(group_size=4, max_new_tokens=4, reward="text_hash", mu=2, beta=0.05,
-                                           aggregation=aggregation, micro_batch_rows=micro))
-        start = {k: v.clone() for k, v in m.model.state_dict().items()}
-        t = tiny_trainer(tmp_path)
-        t.fit(m, datamodule=LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4))
-        return start, m.model.state_dict()
+def test_grpo_at_stage_0_uses_the_cot_prompt(cot_ckpt):
+    m = tiny([Phase("cot", steps=1), Phase("grpo", steps=1, stages=[0])])
+    cot_seg, grpo_seg = m.segments
+    assert cot_seg.cot_layout and grpo_seg.cot_layout
+    recs = LatentDataModule(synthetic=SYN, val_limit=4).eval_records("validation")
+    m.step_count = 1  # in the GRPO segment
+    assert m.eval_stage() == (0, True)
+    rb = rollout(m.model, m.perturber, m.layout, recs, 0, torch.arange(8), 2, 1.0, 4, REWARDS["exact_match"],
+                 m.tokenizer, cot=grpo_seg.cot_layout)
+    for i, r in enumerate(recs):
+        cot_prompt = m.layout.prompt(r, cot_seg.stage, cot=True)  # what the CoT phase trained and evaluated with
+        row = rb.prompt_ids[2 * i][rb.prompt_mask[2 * i].bool()].tolist()
+        assert row == cot_prompt
+        assert m.layout.start_id not in row and m.layout.end_id not in row
 
-    s0, whole = run(None)
-    s1, micro = run(3)
-    assert all(torch.equal(s0[k], s1[k]) for k in s0)
-    assert any(not torch.equal(s0[k], whole[k]) for k in s0)  # the update did something
-    s2, ckpt = run(None, ckpt=True)
-    for k in whole:
-        assert torch.allclose(whole[k], micro[k], atol=1e-6), k
-        assert torch.allclose(whole[k], ckpt[k], atol=1e-6), k
+
+def test_truncated_rollouts_are_counted(cot_ckpt):
+    m = grpo_from(cot_ckpt)
+    recs = LatentDataModule(synthetic=SYN, val_limit=8).eval_records("validation")
+    seeds = torch.tensor([rollout_seed(0, 0, r.idx, j) for r in recs for j in range(2)])
+    for max_new in (3, 16):
+        rb = rollout(m.model, m.perturber, m.layout, recs, 0, seeds, 2, 1.0, max_new, REWARDS["exact_match"],
+                     m.tokenizer, cot=True)
+        lengths = rb.mask.sum(1)
+        ended = [m.layout.eos_id in rb.tokens[i, : int(lengths[i])].tolist() for i in range(len(seeds))]
+        assert rb.truncated.tolist() == [not e for e in ended]
+        frac = rollout_stats(rb, 1.0)["grpo/truncated_frac"]
+        assert frac == pytest.approx(sum(not e for e in ended) / len(ended))
+        if max_new == 3:  # an answer here is about 12 tokens: every rollout is cut off
+            assert frac == 1.0 and float(rb.rewards.sum()) == 0.0
+        else:
+            assert frac < 0.5

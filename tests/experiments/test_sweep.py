@@ -20,7 +20,8 @@ from lightning_latent.experiments.sweep.driver import counted
 from lightning_latent.experiments.sweep.runner import Launch, command, fit_args
 from lightning_latent.experiments.sweep.space import load_sweep_config
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SWEEP = REPO / "sweeps" / "sweep.py"
 TINY = REPO / "sweeps" / "tiny.yaml"
 PARAMS = ("model.perturb.p", "model.grpo.group_size", "model.grpo.beta")

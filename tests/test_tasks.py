@@ -1,7 +1,9 @@
-"""The task registry: built-in tasks dispatch through it, and a new task is one file (tests/toy_task.py).
+"""lightning_latent/data/tasks.py, the task registry: built-in tasks dispatch through it, and a new task is one
+file (tests/toy_task.py).
 
 ``toy_task`` is defined and registered outside the package; nothing under ``lightning_latent`` names it,
-yet the datamodule, the from-scratch tokenizer, a whole CoT -> Coconut -> GRPO fit and the CLI take it.
+yet the datamodule, the from-scratch tokenizer and a whole CoT -> Coconut -> GRPO fit take it (the CLI
+too: test_cli.py).
 """
 from __future__ import annotations
 
@@ -98,18 +100,3 @@ def test_a_registered_task_runs_a_whole_fit(tmp_path):
     trainer.fit(module, datamodule=LatentDataModule(task="toy", val_limit=4, test_limit=4, eval_batch_size=4))
     assert module.step_count == 4
     assert len(seen.questions) == 4 and all(q.startswith("What is ") for q in seen.questions)
-
-
-def test_the_cli_accepts_a_registered_task(tmp_path):
-    from lightning_latent.cli import LatentCLI
-
-    def cli(task: str) -> LatentCLI:
-        return LatentCLI(LatentReasoner, LatentDataModule, run=False, parser_kwargs={"default_env": False},
-                         args=["--data.task", task, "--data.val_limit", "2", "--trainer.logger", "false",
-                               "--trainer.default_root_dir", str(tmp_path),
-                               "--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32",
-                               "--model.backbone.n_head", "2"])
-
-    assert cli("toy").datamodule.task == "toy"
-    with pytest.raises(ValueError, match="registered tasks: .*toy"):
-        cli("nope")

@@ -1,4 +1,7 @@
-"""Hand-computed checks of the GRPO loss pieces (lightning_latent.rl.loss, lightning_latent.rl.rewards)."""
+"""lightning_latent/rl/loss.py: hand-computed checks of the GRPO loss pieces (advantages, group statistics,
+log-probs and entropy, the k3 KL, the clipped loss and its aggregations) and of its TRL-compatibility
+options (``group_advantages(..., std_kind="sample")``, ``grpo_loss(..., kl_importance_ratio=True)``; their
+agreement with TRL itself is in ``tests/integration/test_trl_conformance.py``, which needs trl)."""
 
 from __future__ import annotations
 
@@ -18,61 +21,6 @@ from lightning_latent.rl.loss import (
     sequence_logprobs,
     token_entropy,
 )
-from lightning_latent.rl.rewards import (
-    REWARDS,
-    answers_equal,
-    exact_match_reward,
-    extract_answer,
-    get_reward,
-)
-
-# --------------------------------------------------------------------------------------------------
-# rewards
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
-        ("step\n### 28 <|eos|>", "28"),
-        ("### 28<|endoftext|><|endoftext|>", "28"),
-        ("#### $1,234,567\nmore text", "1234567"),
-        ("### 1 ### 2\n", "2"),  # the LAST marker wins
-        ("#### 5\n### 7", "7"),
-        ("no marker here 42", None),
-        ("###", ""),
-        ("####   -3.5  \n", "-3.5"),
-        ("### yes, no", "yes, no"),  # a comma not between digits is content
-    ],
-)
-def test_extract_answer(text: str, expected: str | None) -> None:
-    assert extract_answer(text) == expected
-
-
-def test_answers_equal() -> None:
-    assert answers_equal("28.0", "28")
-    assert answers_equal("28.", "28")
-    assert answers_equal("$1,000", "1000")
-    assert answers_equal(" 28 ", "28")
-    assert not answers_equal("28.1", "28")
-    assert not answers_equal(None, "28")
-    assert answers_equal("Tom  is   a cat.", "Tom is a cat")
-    assert not answers_equal("Tom", "tom")
-
-
-def test_exact_match_reward_and_registry() -> None:
-    r = exact_match_reward(["a\n### 28 <|eos|>", "### 27", "no answer", "#### 1,000.0"],
-                           ["28", "28", "28", "1000"])
-    assert r.dtype == torch.float32
-    assert r.tolist() == [1.0, 0.0, 0.0, 1.0]
-    assert get_reward("exact_match") is exact_match_reward
-    assert "exact_match" in REWARDS
-    with pytest.raises(ValueError, match="nope.*exact_match"):
-        get_reward("nope")
-    with pytest.raises(ValueError):
-        exact_match_reward(["### 1"], [])
-
 
 # --------------------------------------------------------------------------------------------------
 # advantages and group statistics
@@ -367,24 +315,96 @@ def test_micro_batch_losses_sum_to_the_whole_batch(aggregation):
     assert gw.abs().sum() > 0
 
 
-_NUM = st.one_of(st.integers(-10**30, 10**30), st.decimals(allow_nan=False, allow_infinity=False, places=3))
+# --------------------------------------------------------------------------------------------------
+# TRL-compatibility options (sample std of a group, the KL's importance ratio, an unclamped KL)
+# --------------------------------------------------------------------------------------------------
+
+# Three groups (two mixed, one zero-variance); ``R3``, not ``R``: the name R above is the two-group case.
+R3 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.3, 0.3, 0.3]])
 
 
-@settings(max_examples=300, deadline=None)
-@given(prefix=st.text(max_size=80), n=_NUM, commas=st.booleans(), dollar=st.booleans(),
-       junk=st.text(max_size=40).filter(lambda x: "###" not in x), special=st.sampled_from(["", "<|eos|>", "<|endoftext|>", " <|latent|>"]))
-def test_property_extract_answer(prefix, n, commas, dollar, junk, special):
-    """Random, unicode, huge, negative and comma-grouped answers after the last marker: extraction never
-    raises, returns None only without a marker, and a clean numeric answer compares equal to its gold."""
-    s = f"{n:,}" if commas and isinstance(n, int) else str(n)
-    text = f"{prefix}\n#### {'$' if dollar else ''}{s}{special}\n{junk}"
-    got = extract_answer(text)
-    assert got is not None
-    gold = str(n)
-    assert answers_equal(got, gold), (text, got, gold)
-    # arbitrary text: never raises; None exactly when there is no marker
-    for t in (prefix, junk, prefix + junk):
-        r = extract_answer(t)
-        assert (r is None) == ("###" not in t)
-        answers_equal(r, gold)
-        answers_equal(t, gold)
+def test_std_kind_sample_by_hand() -> None:
+    # Rows 0-1: centred [2/3, -1/3, -1/3] / [1/3, 1/3, -2/3]; sum of squares 2/3, sample var (2/3)/2 = 1/3.
+    std = math.sqrt(1 / 3)
+    centred = torch.tensor([[2 / 3, -1 / 3, -1 / 3], [1 / 3, 1 / 3, -2 / 3]])
+    a = group_advantages(R3, "std", eps=1e-4, std_kind="sample")
+    torch.testing.assert_close(a[:2], centred / (std + 1e-4))
+    assert (a[2] == 0).all()
+    # Population std is sqrt((K-1)/K) times the sample std.
+    pop = group_advantages(R3, "std", eps=1e-12)
+    torch.testing.assert_close(pop[:2] / a[:2].mul((std + 1e-4) / std), torch.full((2, 3), math.sqrt(3 / 2)))
+
+
+def test_std_kind_default_and_other_modes_unchanged() -> None:
+    for mode in ("mean", "std", "none"):
+        base = group_advantages(R3, mode)  # type: ignore[arg-type]
+        assert torch.equal(base, group_advantages(R3, mode, std_kind="population"))  # type: ignore[arg-type]
+    for mode in ("mean", "none"):
+        sample = group_advantages(R3, mode, std_kind="sample")  # type: ignore[arg-type]
+        assert torch.equal(group_advantages(R3, mode), sample)  # type: ignore[arg-type]
+
+
+def test_std_kind_single_rollout_and_bad_value() -> None:
+    a = group_advantages(torch.tensor([[1.0], [0.0]]), "std", std_kind="sample")
+    assert a.tolist() == [[0.0], [0.0]]
+    with pytest.raises(ValueError, match="bogus"):
+        group_advantages(R3, "std", std_kind="bogus")  # type: ignore[arg-type]
+
+
+def _kl_case():
+    torch.manual_seed(0)
+    logp = (torch.randn(3, 4, dtype=torch.float64) - 2.0).requires_grad_(True)
+    ref = logp.detach() + 0.3 * torch.randn(3, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    return logp, ref, mask
+
+
+def test_kl_importance_ratio_on_policy_gradient_by_hand() -> None:
+    """On-policy (ratio == 1 in value) the loss is unchanged but the KL gradient per token becomes
+    beta * (logp - ref) (d/dl [e^(l-o) k3]) instead of beta * (1 - exp(ref - logp)) (d/dl k3)."""
+    logp, ref, mask = _kl_case()
+    beta = 0.5
+    adv = torch.zeros(3, dtype=torch.float64)  # only the KL term
+    n_tok = mask.sum(dim=1, keepdim=True).double()
+    weight = mask.double() / n_tok / 3  # grpo aggregation: per-sequence mean, then mean over 3 rows
+    losses = {}
+    for corr in (False, True):
+        loss, _ = grpo_loss(logp, logp.detach(), adv, mask, ref_logp=ref, beta=beta, kl_importance_ratio=corr)
+        (g,) = torch.autograd.grad(loss, logp)
+        d = (ref - logp).detach()
+        expected = beta * (-d if corr else 1 - torch.exp(d)) * weight
+        torch.testing.assert_close(g, expected)
+        losses[corr] = loss.detach()
+    torch.testing.assert_close(losses[True], losses[False])
+
+
+def test_kl_importance_ratio_off_policy_value_and_defaults() -> None:
+    logp, ref, mask = _kl_case()
+    old = logp.detach() + 0.1
+    adv = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    plain, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, aggregation="dapo")
+    corr, stats = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, aggregation="dapo",
+                            kl_importance_ratio=True)
+    d = ref - logp.detach()
+    k3 = torch.exp(d) - d - 1
+    ratio = torch.exp(logp.detach() - old)
+    extra = 0.1 * ((ratio - 1) * k3 * mask).sum() / mask.sum()
+    torch.testing.assert_close(corr.detach() - plain.detach(), extra)
+    # The kl stat stays the unweighted mean k3; beta = 0 ignores the flag.
+    torch.testing.assert_close(stats["kl"], (k3 * mask).sum() / mask.sum())
+    a, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.0, kl_importance_ratio=True)
+    b, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.0)
+    assert torch.equal(a, b)
+
+
+def test_kl_clamp_infinite_is_unclamped() -> None:
+    logp, _, mask = _kl_case()
+    ref = logp.detach() + torch.tensor([20.0, -15.0, 0.1, 0.0]).double()  # far outside +-10 on two columns
+    adv = torch.zeros(3, dtype=torch.float64)
+    clamped, s1 = grpo_loss(logp, logp.detach(), adv, mask, ref_logp=ref, beta=1.0)
+    free, s2 = grpo_loss(logp, logp.detach(), adv, mask, ref_logp=ref, beta=1.0, kl_clamp=math.inf)
+    assert s1["kl_clamped"] > 0 and s2["kl_clamped"] == 0
+    d = ref - logp.detach()
+    expected = (((torch.exp(d) - d - 1) * mask).sum(1) / mask.sum(1)).mean()
+    torch.testing.assert_close(free.detach(), expected)
+    assert free > clamped

@@ -9,11 +9,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO as ROOT
+
 BENCH = ROOT / "benchmarks"
 SCRIPTS = ("rollout", "train_step", "ddp", "memory", "compile")
 MACHINE_KEYS = {"platform", "cpu_count", "torch_threads"}

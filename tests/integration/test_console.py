@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_latent.progress import ScheduleProgress, fmt_seconds
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 # Each known warning (fixed at the cause or silenced in quiet.py) by a fragment of its text.
 KNOWN = {
@@ -76,30 +74,3 @@ def test_tiny_fit_console(tmp_path):
     v = tmp_path / "default" / "version_0"
     assert (v / "summary.json").exists() and (v / "checkpoints" / "last.ckpt").exists()
     assert not (tmp_path / "logs").exists()
-
-
-def test_progress_arithmetic():
-    from lightning_latent.schedule import Phase, flatten
-
-    class M:
-        segments = flatten([Phase("cot", 10), Phase("coconut", 5, stages=[1, 2]), Phase("grpo", 4, name="rl")], 1,
-                           {"sft": 8, "grpo": 2}, {"sft": 1e-4, "grpo": 1e-5})
-        total_steps = 24
-        step_count = 12
-
-        @property
-        def segment(self):
-            from lightning_latent.schedule import locate
-
-            return locate(self.segments, self.step_count)
-
-    m, bar = M(), ScheduleProgress(mode="plain", every=5)
-    assert bar.describe(m, m.segments[1]) == "coconut · stage 1 (1/2)"
-    assert bar.describe(m, m.segments[3]) == "rl · grpo stage 2"
-    assert bar.time_left(m) == (None, None)  # nothing measured yet
-    bar._kind_time = {"cot": [10.0, 10], "coconut": [2.0, 2]}  # 1 s per step; grpo unmeasured: the mean
-    phase_left, run_left = bar.time_left(m)
-    assert phase_left == pytest.approx(8.0) and run_left == pytest.approx(12.0)
-    assert fmt_seconds(3725) == "1:02:05" and fmt_seconds(None) == "?"
-    with pytest.raises(ValueError):
-        ScheduleProgress(every=0)

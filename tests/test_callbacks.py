@@ -1,0 +1,59 @@
+"""lightning_latent/callbacks.py: the phase-end checks (RL judged by the paired interval) and the environment
+record (the callbacks at work in whole runs: tests/integration/test_cli_runs.py)."""
+from __future__ import annotations
+
+import pytest
+import scipy.stats
+import torch
+
+
+def test_phase_checks_judge_rl_by_the_paired_interval():
+    from lightning_latent.callbacks import phase_checks, paired_row
+
+    rows = [{"phase": "cot", "kind": "cot", "test_pass@1": 0.5, "test_ci95": 0.04, "test_n": 500},
+            {"phase": "coconut", "kind": "coconut", "test_pass@1": 0.15, "test_ci95": 0.03, "test_n": 500},
+            {"phase": "dropout_grpo", "kind": "grpo", "test_pass@1": 0.118, "test_ci95": 0.028, "test_n": 500}]
+    (c,) = phase_checks(rows)  # no per-problem record: reported, never judged met
+    assert c["check"] == "dropout_grpo above coconut (test pass@1, paired)" and c["met"] is False
+    assert "11.8% vs 15.0%, difference -3.2 points" in c["detail"] and "not judged" in c["detail"]
+    assert phase_checks(rows[:2]) == []
+
+    # 100 problems: 10 fixed, 2 broken, the rest unchanged -> +8 points, d in {-1, 0, 1}
+    before = {i: i < 30 for i in range(100)}
+    after = dict(before)
+    for i in range(30, 40):
+        after[i] = True
+    after[0] = after[1] = False
+    p = paired_row(before, after, "cpu")
+    d = torch.tensor([float(after[i]) - float(before[i]) for i in range(100)], dtype=torch.float64)
+    sd = d.std(unbiased=True).item()
+    assert p["test_paired_n"] == 100 and p["test_paired_diff"] == pytest.approx(0.08)
+    assert p["test_paired_ci95"] == pytest.approx(scipy.stats.t.ppf(0.975, 99) * sd / 10)  # sd / sqrt(100)
+    rows[1]["test_pass@1"], rows[2]["test_pass@1"] = 0.30, 0.38
+    rows[2].update(p)
+    (c,) = phase_checks(rows)
+    assert c["met"] is True and "paired difference +8.0 points" in c["detail"] and "n=100" in c["detail"]
+    # the same marginal gain, noisier per problem (8 more fixed, 8 more broken): a wider interval
+    for i in range(40, 48):
+        after[i] = True
+    for i in range(2, 10):
+        after[i] = False
+    wide = paired_row(before, after, "cpu")
+    assert wide["test_paired_diff"] == pytest.approx(0.08) and wide["test_paired_ci95"] > p["test_paired_ci95"]
+    # a gain whose interval covers 0 is not met
+    rows[2].update(test_paired_diff=0.01, test_paired_ci95=0.02, test_paired_n=100)
+    assert phase_checks(rows)[0]["met"] is False
+    # only problems present in both evaluations are paired
+    assert paired_row({0: True, 1: False}, {1: True, 2: True}, "cpu")["test_paired_n"] == 1
+
+
+def test_environment_record_names_what_a_rerun_needs():
+    import os
+
+    from lightning_latent.callbacks import environment_record
+
+    env = environment_record()
+    assert {"packages", "git_commit", "python", "platform", "cpu", "cpu_count", "torch_threads", "gpus", "time"} <= set(env)
+    assert env["packages"]["torch"] and env["packages"]["lightning"] and "numpy" in env["packages"]
+    assert env["cpu_count"] == os.cpu_count() and env["torch_threads"] == torch.get_num_threads()
+    assert len(env["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)

@@ -1,0 +1,80 @@
+"""lightning_latent/module.py: the LightningModule as glue: a ``fast_dev_run`` through every phase, and
+``training_step`` taking the branch of its segment (a GRPO step logs the GRPO metrics, a supervised one its
+loss and no GRPO metric), argument checks. Whole CLI runs: tests/integration/test_cli_runs.py."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+
+from lightning_latent.data.datamodule import LatentDataModule
+from lightning_latent.data.layout import CurriculumConfig
+from lightning_latent.evaluation import EvalConfig
+from lightning_latent.model.build import ModelConfig
+from lightning_latent.module import LatentReasoner
+from lightning_latent.rl.update import GRPOConfig
+from lightning_latent.schedule import Phase
+
+from conftest import tiny_trainer
+
+
+def tiny_module(schedule) -> LatentReasoner:
+    L.seed_everything(0, verbose=False)
+    return LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2),
+                          curriculum=CurriculumConfig(c_thought=1, max_latent_stage=1), schedule=schedule,
+                          batch_size=4, grpo_prompts=2, grpo=GRPOConfig(group_size=2, max_new_tokens=4),
+                          evaluation=EvalConfig(max_new_tokens=8))
+
+
+def tiny_data() -> LatentDataModule:
+    return LatentDataModule(val_limit=4, test_limit=4, eval_batch_size=4)
+
+
+def test_fast_dev_run_trains_one_step_of_every_segment(tmp_path):
+    m = tiny_module([Phase("cot", steps=5), Phase("coconut", steps=3, stages=[1, 2]), Phase("grpo", steps=4)])
+    assert [s.kind for s in m.segments] == ["cot", "coconut", "coconut", "grpo"] and m.total_steps == 15
+    kinds = []
+
+    class Kinds(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            kinds.append((pl_module.segment.kind, pl_module.segment.stage))
+
+    t = tiny_trainer(tmp_path, fast_dev_run=True, callbacks=[Kinds()])
+    t.fit(m, datamodule=tiny_data())
+    assert m.step_count == len(m.segments) == 4  # one step per segment
+    assert m.schedule.finished and [s.steps for s in m.segments] == [1, 1, 1, 1]
+    assert kinds == [("cot", 0), ("coconut", 1), ("coconut", 2), ("grpo", 2)]
+
+
+def test_training_step_names_its_branch(tmp_path):
+    m = tiny_module([Phase("cot", steps=1), Phase("grpo", steps=1)])
+    logged: dict[str, set[str]] = {"cot": set(), "grpo": set()}
+    where = {}
+    log = m.log  # log_dict goes through log too
+
+    def recording_log(name, value, *args, **kwargs):
+        logged[where["kind"]].add(name)
+        return log(name, value, *args, **kwargs)
+
+    m.log = recording_log
+
+    class Where(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            where["kind"] = pl_module.segment.kind
+
+    tiny_trainer(tmp_path, callbacks=[Where()]).fit(m, datamodule=tiny_data())
+    assert m.step_count == 2
+    assert {"train/loss", "train/cot/loss", "train/stage"} <= logged["cot"]
+    assert not any(n.startswith("grpo/") or n == "reward" for n in logged["cot"])
+    assert {"grpo/reward_mean", "grpo/groups_kept", "grpo/replay_gap", "reward", "train/loss"} <= logged["grpo"]
+    assert "train/cot/loss" not in logged["grpo"] and "train/grpo/loss" not in logged["grpo"]
+
+
+def test_module_refuses_bad_sizes_and_builds_its_schedule():
+    with pytest.raises(ValueError, match=r"batch_size=0 and grpo_prompts=2 must be >= 1"):
+        LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), batch_size=0, grpo_prompts=2)
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2),
+                       schedule=[{"kind": "cot", "steps": 2}, {"kind": "grpo", "steps": 3, "lr": 2e-5}],
+                       grpo_prompts=5, batch_size=7)  # phases as plain dicts (a YAML config)
+    assert [(s.kind, s.steps, s.batch_size) for s in m.segments] == [("cot", 2, 7), ("grpo", 3, 5)]
+    assert m.segments[1].lr == 2e-5 and m.segments[0].lr == m.optim_cfg.lr
+    assert m.eval_stage() == (0, True) and m.automatic_optimization is False
