@@ -38,26 +38,24 @@ log = logging.getLogger("lightning_latent")
 
 
 class LatentReasoner(L.LightningModule):
-    """Coconut model + mask sampler + GRPO loss, trained through a schedule of phases.
+    """Coconut model + mask sampler + GRPO loss, trained through a schedule of phases. Every default is
+    its config class's (docs/design.md#settings).
 
     Args:
         backbone: the base LM (GPT-2 from scratch by default, or any HF causal LM).
         curriculum: the Coconut curriculum (c, max latent stage, baselines).
         schedule: the phases to run, in order (None: :func:`~.schedule.default_schedule`).
         perturb: the rollout perturbation (arm, p, sites, scope).
-        grpo: GRPO settings (defaults: the synthetic recipe).
-        optim: optimiser settings.
+        grpo: GRPO settings (defaults: the synthetic recipe). optim: optimiser settings.
         evaluation: evaluation settings.
-        batch_size: records per step on each rank in supervised phases (phases may override).
-        grpo_prompts: prompts per step on each rank in GRPO phases (phases may override); 32 with the
-            recipe's K=4: 128 rollouts per step.
+        batch_size: records per supervised step on each rank (phases may override).
+        grpo_prompts: prompts per GRPO step on each rank (phases may override): 32 x K=4 = 128 rollouts.
         max_length: longest training example (longer ones are skipped and counted).
         init_from: start from these weights: a lightning-latent ``.ckpt``, a reference Coconut ``.pt``
             (``base_causallm.*``) or an HF folder / hub id.
         synthetic: synthetic-task settings (fix the word-level tokenizer's vocabulary).
         seed: the run's seed (rollout seeds and curriculum sampling derive from it).
-        task: the data task (linked from ``--data.task`` by the CLI): a from-scratch model gets that
-            task's word vocabulary (the task registry, data/tasks.py); None: the synthetic one.
+        task: the data task (linked from ``--data.task``): a from-scratch model gets its word vocabulary.
     """
 
     def __init__(
@@ -153,31 +151,30 @@ class LatentReasoner(L.LightningModule):
     def training_step(self, batch: list[Record], batch_idx: int) -> None:
         no_ddp_grad_sync(self.trainer.strategy.model)  # GuardedOptimizer.step all-reduces the gradients
         seg = self.schedule.segment
-        optimizer = self._enter_segment(seg)
+        optimizer = self._enter_segment(seg, batch)
         try:
             if seg.kind == "grpo":
                 self._grpo_step(batch, seg, optimizer)
             else:
                 self._sft_step(batch, seg, optimizer)
         except NonFiniteStop:
-            stop_on_nonfinite(self.trainer, self.nonfinite, self.step_count, [r.idx for r in batch][:8])
+            stop_on_nonfinite(self.trainer, self.nonfinite, self.step_count, optimizer.batch_ids)
         finally:
-            if optimizer.skipped:
+            if optimizer.skipped:  # (each skip was logged as a warning, with the step and the batch)
                 self.log("train/nonfinite_skips", float(optimizer.last_skip_count))
-                log.warning("non-finite loss or gradient at step %d (batch %s): update skipped (%d in a row)",
-                            self.step_count, [r.idx for r in batch][:8], optimizer.last_skip_count)
         self.schedule.step += 1
         self._plateau_check(seg)
         self.log("train/stage", float(seg.stage))
         self.log("train/phase_index", float(seg.phase_index))
         self._stop_if_finished()
 
-    def _enter_segment(self, seg: Segment) -> GuardedOptimizer:
+    def _enter_segment(self, seg: Segment, batch: list[Record]) -> GuardedOptimizer:
         """The segment's learning rate, weight decay and trainable parameters, the base model's dropout
         (supervised phases only: rollouts and replays must be deterministic) and, in GRPO, its reference."""
         is_grpo = seg.kind == "grpo"
         optimizer = enter_segment(self.optimizers(), self.optim_cfg, seg, self.step_count, self.model,
-                                  self.grpo_cfg.trainable if is_grpo else None, self.nonfinite)
+                                  self.grpo_cfg.trainable if is_grpo else None, self.nonfinite,
+                                  [r.idx for r in batch][:8])
         self.model.set_base_dropout(not is_grpo and self.backbone_cfg.dropout > 0)
         if is_grpo and seg.first_of_phase and self.step_count == seg.start:  # a new GRPO phase: a new reference
             self._reference_state, self.reference = None, None
@@ -188,10 +185,7 @@ class LatentReasoner(L.LightningModule):
 
     def _sft_step(self, records: list[Record], seg: Segment, optimizer: GuardedOptimizer) -> None:
         rng = random.Random(f"{self.seed}/{self.step_count}/{self.global_rank}")
-        try:
-            b = train_batch(self.layout, records, seg.stage, seg.cot_layout, rng, SKIPS)
-        except ValueError as err:
-            raise ValueError(f"step {self.step_count}: {err}") from err
+        b = train_batch(self.layout, records, seg.stage, seg.cot_layout, rng, SKIPS, f"step {self.step_count}")
         b = {k: v.to(self.device) for k, v in b.items()}
         self.model.train()
         loss = sft_loss(self.model(b["input_ids"], b["attention_mask"], b["position_ids"]).logits, b["labels"])

@@ -53,7 +53,7 @@ class OptimConfig:
 
 
 def enter_segment(opt, cfg: OptimConfig, seg: Segment, step: int, model: torch.nn.Module, trainable: str | None,
-                  guard: NonFiniteGuard) -> "GuardedOptimizer":
+                  guard: NonFiniteGuard, batch_ids: list | None = None) -> "GuardedOptimizer":
     """The optimiser as segment ``seg`` needs it at global step ``step``: its learning rate (with the GRPO
     warm-up) and weight decay; at the segment's first step a cleared state (each segment starts Adam
     afresh); ``model``'s parameters trained as ``trainable`` says (:func:`~.model.trainable.trainable_masks`)."""
@@ -66,7 +66,7 @@ def enter_segment(opt, cfg: OptimConfig, seg: Segment, step: int, model: torch.n
     masks = trainable_masks(model, trainable)
     if step == seg.start:
         getattr(opt, "optimizer", opt).state.clear()  # a LightningOptimizer wraps the torch one
-    return GuardedOptimizer(opt, list(model.parameters()), masks, cfg.grad_clip, guard)
+    return GuardedOptimizer(opt, list(model.parameters()), masks, cfg.grad_clip, guard, step, batch_ids)
 
 
 class NonFiniteStop(RuntimeError):
@@ -79,12 +79,14 @@ class GuardedOptimizer:
     ``step(loss)`` runs after the caller's backward passes: it zeroes the frozen parts of partly trained
     weights (``grad_masks``), averages the gradients over ranks, clips them to ``grad_clip``, then steps
     only if ``loss`` and the gradient norm are finite. A skipped update is counted by ``guard``; once
-    ``guard`` is exhausted the step raises :class:`NonFiniteStop` (the caller saves a checkpoint)."""
+    ``guard`` is exhausted the step raises :class:`NonFiniteStop` (the caller saves a checkpoint).
+    ``step`` and ``batch_ids`` (the schedule step and its records) name a skipped update in the warning."""
 
     def __init__(self, opt, params: list[torch.nn.Parameter], grad_masks: list, grad_clip: float,
-                 guard: NonFiniteGuard):
+                 guard: NonFiniteGuard, step: int | None = None, batch_ids: list | None = None):
         self.opt, self.params, self.grad_masks = opt, params, grad_masks
         self.grad_clip, self.guard = grad_clip, guard
+        self.schedule_step, self.batch_ids = step, batch_ids
         self.skipped = 0  # updates skipped since this object was made
         self.last_skip_count = 0  # the guard's count of non-finite updates in a row at the last skip
 
@@ -103,6 +105,8 @@ class GuardedOptimizer:
         self.opt.zero_grad(set_to_none=True)
         self.skipped += 1
         self.last_skip_count = self.guard.bad_steps
+        log.warning("non-finite loss or gradient at step %s (batch %s): update skipped (%d in a row)",
+                    self.schedule_step, self.batch_ids, self.guard.bad_steps)
         if self.guard.exhausted:
             raise NonFiniteStop(f"{self.guard.bad_steps} non-finite updates in a row")
         return False, float("nan")

@@ -4,7 +4,7 @@ A default run prints no warning a user cannot act on. Warnings whose cause was o
 cause instead (see CHANGELOG.md): ``weights_only`` is passed to every ``trainer.save_checkpoint``;
 :class:`~lightning_latent.callbacks.StepCheckpoint` saves every N steps under manual optimisation
 without Lightning's lecture; the phase-end evaluation restores every module's train / eval mode.
-Anything not listed here still shows (``tests/test_console.py`` fails if one of these comes back or if
+Anything not listed here still shows (``tests/integration/test_console.py`` fails if one of these comes back or if
 our package warns). :func:`install` is called by the CLI before Lightning starts.
 """
 from __future__ import annotations

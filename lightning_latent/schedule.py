@@ -257,7 +257,8 @@ def data_plan(segments: list[Segment], step: int) -> DataPlan:
     records the segments before it (and this one so far) consumed."""
     seg = locate(segments, step)
     consumed = sum(s.steps * s.batch_size for s in segments if s.end <= step)
-    consumed += (step - seg.start) * seg.batch_size
+    if seg.start <= step < seg.end:  # (a finished schedule: every segment is counted above)
+        consumed += (step - seg.start) * seg.batch_size
     return DataPlan(seg.batch_size, max(seg.end - step, 0), consumed)
 
 
@@ -320,9 +321,13 @@ class Schedule:
                 "step_in_stage": self.step - seg.start, "segment_steps": [s.steps for s in self.segments]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume: the step counter, and the segments that a plateau rule ended early keep that length
+        (the command line decides every other length, so a resumed run may be given a longer phase)."""
         self.step = int(state["step_count"])
-        if len(state.get("segment_steps", ())) == len(self.segments):  # checkpoints of the same schedule
-            set_lengths(self.segments, state["segment_steps"])
+        saved = state.get("segment_steps", ())
+        if len(saved) == len(self.segments):  # a checkpoint of the same schedule
+            set_lengths(self.segments, [min(n, s.steps) if s.plateau is not None else s.steps
+                                        for s, n in zip(self.segments, saved)])
 
     def shrink_to_one_step(self) -> None:
         """``fast_dev_run``: one step of every segment that has any."""

@@ -168,9 +168,9 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, Tensor]:
 
 
 def train_batch(layout: Layout, records: list[Record], stage: int, cot: bool, rng: random.Random,
-                skips: SkipCounter | None = None) -> dict[str, Tensor]:
+                skips: SkipCounter | None = None, where: str = "batch") -> dict[str, Tensor]:
     """Records -> one collated training batch at ``stage``; a record too long for ``max_length`` is
-    left out and counted in ``skips`` (source ``layout``); raises when none is left."""
+    left out and counted in ``skips`` (source ``layout``); raises, naming ``where``, when none is left."""
     feats = []
     for r in records:
         try:
@@ -179,8 +179,8 @@ def train_batch(layout: Layout, records: list[Record], stage: int, cot: bool, rn
             if skips is not None:
                 skips.add("layout", err.reason, f"record {r.idx}")
     if not feats:
-        raise ValueError(f"every record of the batch was longer than max_length={layout.max_length}: raise "
-                         "max_length or shorten the data")
+        raise ValueError(f"{where}: every record of the batch was longer than max_length={layout.max_length}: "
+                         "raise max_length or shorten the data")
     return collate_train(feats, layout.pad_id, layout.latent_id)
 
 

@@ -113,7 +113,7 @@ class Study:
     def _run(self, args: list[str], name: str, version: str, cell: str, resumable: bool = False) -> Path:
         """Run one cell's ``run.py`` process into ``tb/<name>/<version>``. An unfinished earlier attempt is
         deleted and started again, unless ``resumable`` and it left a ``last.ckpt``: then the run continues
-        from that checkpoint in the same directory (resume is exact: tests/test_reliability.py), so a start
+        from that checkpoint in the same directory (resume is exact: tests/integration/test_reliability.py), so a start
         killed after 40 minutes loses at most the steps since its last checkpoint."""
         vdir = self.tb / name / version
         last = vdir / "checkpoints" / "last.ckpt"
@@ -250,9 +250,13 @@ class Study:
 
     def report(self) -> None:
         """Tables and plots from the finished cells (:class:`~.study_report.StudyReport`)."""
+        self.reporter().write()
+
+    def reporter(self):
+        """The :class:`~.study_report.StudyReport` of this study's output folder and cells."""
         from .study_report import StudyReport
 
-        StudyReport(self).write()
+        return StudyReport(self.out, self.tb, self.cells, self.seeds, self.arms, self.budget, self.t0)
 
 
 def score(rows: list[dict], k: int) -> dict:

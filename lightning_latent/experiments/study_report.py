@@ -7,27 +7,29 @@ TensorBoard HParams experiment; :func:`plot_diversity` draws the diversity curve
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..metrics import mean_and_ci95, reward_trend
 from .reporting import markdown_table, write_csv
-
-if TYPE_CHECKING:
-    from .study import Study
 
 MIN_TREND_POINTS = 50  # a training-reward curve judged by reward_trend: at least this many logged steps
 
 
 class StudyReport:
-    """The report of ``study`` (its output folder, seeds, arms, budget and finished cells)."""
+    """The report of a study: its output folder ``out``, TensorBoard root ``tb``, finished cells under
+    ``cells``, and what it ran (``seeds``, ``arms``, ``budget``: a :class:`~.study.Budget`). ``t0``: when the
+    invocation started (its wall time goes into results.md)."""
 
-    def __init__(self, study: "Study"):
-        self.study = study
-        self.out, self.tb, self.seeds, self.arms, self.budget = study.out, study.tb, study.seeds, study.arms, study.budget
-        self._done, self.t0 = study._done, study.t0
+    def __init__(self, out: Path, tb: Path, cells: Path, seeds: int, arms: tuple[str, ...], budget, t0: float):
+        self.out, self.tb, self.cells, self.seeds, self.arms, self.budget, self.t0 = \
+            out, tb, cells, seeds, arms, budget, t0
+
+    def _done(self, cell: str) -> dict | None:
+        f = self.cells / f"{cell}.json"
+        return json.loads(f.read_text()) if f.exists() else None
 
     def write(self) -> None:
         """results.csv, results.md, the plots and the TensorBoard HParams experiment, from the cells."""

@@ -81,7 +81,7 @@ def group_advantages(
     The sample std is ``sqrt(K / (K - 1))`` times the population std, so TRL's std-scaled advantages
     are that factor smaller (up to eps): 0.866x for K=4, 0.935x for K=8. With
     ``mode="std", std_kind="sample", eps=1e-4`` this function reproduces TRL 1.16's advantages
-    (``tests/test_trl_conformance.py``); ``mode="mean"`` is TRL's ``scale_rewards="none"``. TRL's
+    (``tests/integration/test_trl_conformance.py``); ``mode="mean"`` is TRL's ``scale_rewards="none"``. TRL's
     ``scale_rewards="batch"`` (one std over the whole batch) has no counterpart here. ``std_kind`` has
     no effect in the modes ``mean`` and ``none``.
 
@@ -295,7 +295,7 @@ def grpo_loss(
       constant normaliser, so the gradient is not biased towards short answers.
 
     Against TRL 1.16's ``GRPOTrainer`` (``loss_type``; one process, no gradient accumulation, checked to
-    float32 round-off by ``tests/test_trl_conformance.py``): ``grpo`` is TRL ``"grpo"``; ``dr_grpo`` is
+    float32 round-off by ``tests/integration/test_trl_conformance.py``): ``grpo`` is TRL ``"grpo"``; ``dr_grpo`` is
     TRL ``"dr_grpo"`` with ``max_tokens = max_completion_length`` (TRL always divides by that, not by
     the padded length T); ``dapo`` is both TRL ``"bnpo"`` (tokens of the local batch) and TRL ``"dapo"``
     (tokens of the whole generation batch, ``num_items_in_batch``: that is ``totals`` here). TRL's
