@@ -95,8 +95,20 @@ class PhaseSummary(L.Callback):
     Selection never looks at test: the test numbers are only reported.
     """
 
-    def __init__(self, splits: tuple[str, ...] = ("validation", "test")):
-        self.splits = splits
+    def __init__(self, splits: tuple[str, ...] = ("validation", "test"), evaluate_start: bool = True,
+                 phase_checkpoints: bool = True):
+        """
+        Args:
+            splits: the splits evaluated at each phase end (and at the start); none: rows without pass@1
+                (a study's RL cell: its validation curve and its test cell say what it needs).
+            evaluate_start: evaluate the starting weights of a run that starts from ``init_from``.
+            phase_checkpoints: save ``checkpoints/phase-<name>.ckpt`` at every phase end (a later run can
+                start from it).
+        """
+        for split in splits:
+            if split not in ("validation", "test"):
+                raise ValueError(f"summary.splits: {split!r} is not a split; choose from validation, test")
+        self.splits, self.evaluate_start, self.phase_checkpoints = tuple(splits), evaluate_start, phase_checkpoints
         self.rows: list[dict] = []
         # This rank's per-problem test correctness of the last evaluated phase: an RL phase is compared
         # with the checkpoint it started from on the same problems (paired), not by two intervals.
@@ -124,7 +136,7 @@ class PhaseSummary(L.Callback):
 
     def _want_start_eval(self, pl_module) -> bool:
         # A run that starts from given weights reports its starting point (e.g. the Coconut checkpoint).
-        return pl_module.hparams.get("init_from") is not None
+        return self.evaluate_start and pl_module.hparams.get("init_from") is not None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done_seg = None
@@ -135,7 +147,7 @@ class PhaseSummary(L.Callback):
             self._evaluate(trainer, pl_module, done_seg.name, stage_seg=done_seg)
             # Keep every phase's end state: a later run starts from it with init_from (e.g. GRPO arms and
             # sweep trials from the Coconut checkpoint of the default run).
-            if trainer.log_dir and not trainer.fast_dev_run:
+            if self.phase_checkpoints and trainer.log_dir and not trainer.fast_dev_run:
                 trainer.save_checkpoint(str(Path(trainer.log_dir) / "checkpoints" / f"phase-{done_seg.name}.ckpt"),
                                         weights_only=False)  # the full state: a run can resume from it
 

@@ -54,6 +54,8 @@ class LatentCLI(LightningCLI):
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         # The schedule-aware progress display (lightning_latent/progress.py): --progress.every N, --progress.mode
         parser.add_lightning_class_args(ScheduleProgress, "progress")
+        # Phase-end evaluations and phase checkpoints (callbacks.PhaseSummary): --summary.splits, ...
+        parser.add_lightning_class_args(PhaseSummary, "summary")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100,
                              "checkpoint.save_top_k": 0, "checkpoint.filename": "step{step}"})
         parser.link_arguments("data.synthetic", "model.synthetic", apply_on="instantiate")
@@ -79,11 +81,14 @@ class LatentCLI(LightningCLI):
         # Lightning refuses a progress-bar callback when the progress bar is off.
         if config.get("enable_progress_bar") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ScheduleProgress)]
-        # Always on: the environment record and the phase-end summary (not optional, unlike checkpoint.*).
-        # HParamsSummary: hyperparameters + final metrics for TensorBoard's HParams tab; a sweep trial
-        # (LL_OPTUNA_* env set by sweeps/sweep.py) also gets the Optuna reporter / pruner.
-        return super()._instantiate_trainer(config, [*callbacks, EnvironmentRecord(), PhaseSummary(),
-                                                     HParamsSummary(), *sweep_callbacks_from_env()])
+        # Always on: the environment record and the phase-end summary (configured by --summary.*, and kept
+        # in this place among the callbacks). HParamsSummary: hyperparameters + final metrics for
+        # TensorBoard's HParams tab; a sweep trial (LL_OPTUNA_* env set by sweeps/sweep.py) also gets the
+        # Optuna reporter / pruner.
+        summary = next(c for c in callbacks if isinstance(c, PhaseSummary))
+        callbacks = [c for c in callbacks if not isinstance(c, PhaseSummary)]
+        return super()._instantiate_trainer(config, [*callbacks, EnvironmentRecord(), summary, HParamsSummary(),
+                                                     *sweep_callbacks_from_env()])
 
     def after_predict(self) -> None:
         self._write_predictions()

@@ -109,6 +109,16 @@ class _PlannedBatches(TorchIterable):
                     yield _Batch(batch, self.offset, own)
 
 
+class _Records(TorchIterable):
+    """A list of records as an iterable dataset (so Lightning adds no distributed sampler)."""
+
+    def __init__(self, records: list[Record]):
+        self.records = records
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+
 class LatentDataModule(L.LightningDataModule):
     """Train / validation / test records for one task.
 
@@ -157,6 +167,7 @@ class LatentDataModule(L.LightningDataModule):
         self._worker_skips: dict[int, dict[str, int]] = {}
         self.skips = SKIPS
         self.schedule: Schedule | None = None
+        self._eval_cache: dict[tuple, list[Record]] = {}  # (split, rank, world) -> its records, read once
 
     def follow(self, schedule: Schedule) -> None:
         """Plan the training loaders from ``schedule`` (the module's, handed over in its ``setup``): each
@@ -202,9 +213,9 @@ class LatentDataModule(L.LightningDataModule):
                           num_workers=self.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        rank, world = self._rank()
-        ds = split_for_rank(self.source(split), rank, world).map(lambda r: r)  # keep rows as dicts
-        return DataLoader(ds, batch_size=self.eval_batch_size, collate_fn=lambda rows: [row_to_record(r) for r in rows])
+        # An iterable (never a sampler from Lightning: the records are already this rank's share), batches of
+        # eval_batch_size records in the split's order, as the plateau and phase-end evaluations take them.
+        return DataLoader(_Records(self.eval_records(split)), batch_size=self.eval_batch_size, collate_fn=list)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")
@@ -216,9 +227,14 @@ class LatentDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def eval_records(self, split: str) -> list[Record]:
-        """All records of an evaluation split (this rank's share), for phase-end evaluations."""
+        """All records of an evaluation split (this rank's share). Read once per data module and kept: every
+        validation, plateau and phase-end evaluation of a run reads the same problems (a study's RL cell
+        evaluates 2,000 of them ten times), and a bad row is counted as skipped once, not once per read."""
         rank, world = self._rank()
-        return [row_to_record(r) for r in split_for_rank(self.source(split), rank, world)]
+        key = (split, rank, world)
+        if key not in self._eval_cache:
+            self._eval_cache[key] = [row_to_record(r) for r in split_for_rank(self.source(split), rank, world)]
+        return self._eval_cache[key]
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, _Batch):

@@ -1,10 +1,18 @@
 """The ablation study: per seed one Coconut checkpoint, then every arm from it with the same budget.
 
-Every run is an ordinary ``experiments/run.py`` process (so every number here can be rerun by hand),
-logging to one TensorBoard root ``OUT/tb``. A cell (a Coconut checkpoint, an arm's training, a test
-evaluation) writes ``OUT/cells/<cell>.json`` when it finishes; a rerun with the same ``--out`` skips
-finished cells, resumes an unfinished start (the long curriculum) from its ``last.ckpt``, and restarts
-other unfinished cells (a few minutes each) from scratch.
+Every run is an ordinary ``experiments/run.py`` command line (logged, so every number here can be rerun
+by hand), logging to one TensorBoard root ``OUT/tb``. By default the cells run in ``jobs`` long-lived
+worker processes, one after another (:mod:`.cell_worker`: the same command line, without a dozen
+seconds of process start and imports per cell); ``in_process=False`` starts one process per cell, as
+before. A cell (a Coconut checkpoint, the start's validation, an arm's training, a test evaluation)
+writes ``OUT/cells/<cell>.json`` when it finishes; a rerun with the same ``--out`` skips finished cells,
+resumes an unfinished start (the long curriculum) from its ``last.ckpt``, and restarts other unfinished
+cells (a few minutes each) from scratch.
+
+What a cell computes and nobody reads is not computed: an RL cell skips the phase-end evaluations (its
+validation curve chooses its checkpoint; its test cell tests it) and the phase checkpoint, and the
+start's validation, which every arm reports at step 0, is evaluated once per seed and start
+(``val_start_<latent|cot>_s<seed>``) instead of once per arm, with the same code and the same number.
 
 Protocol (docs/design.md#protocol): each GRPO run keeps its best checkpoint by validation greedy pass@1;
 test numbers (greedy pass@1 with the perturbation off, pass@k and maj@k over k rollouts under ONE
@@ -16,8 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +36,8 @@ from pathlib import Path
 from ..answers import answers_equal
 from ..metrics import majority_vote, pass_at_k
 from ..model.arms import get_arm, study_arms
-from .processes import REPO_ROOT, RUN_SCRIPT, run_process
+from .cell_worker import CellWorker
+from .processes import REPO_ROOT, RUN_SCRIPT, run_process, shell_line
 from .reporting import scalars, write_csv
 
 log = logging.getLogger("lightning_latent.experiments.study")
@@ -55,6 +66,9 @@ class Budget:
     start_val_limit: bool = True
     # Validation pass@1 reported at these GRPO step counts (learning speed; multiples of val_interval)
     curve_steps: tuple[int, ...] = ()
+    # Problems per evaluation batch in every cell (None: the configs' 64). An option, off by default: at
+    # 2 threads a different batch shape changes float rounding, so it may change a number (docs/performance.md).
+    eval_batch_size: int | None = None
 
 
 BUDGETS = {
@@ -82,7 +96,7 @@ BUDGETS = {
 
 class Study:
     def __init__(self, out: str | Path, seeds: int = 5, arms: tuple[str, ...] = ARMS, budget: str | Budget = "default",
-                 diversity: bool = True, work: str | Path | None = None, jobs: int = 1):
+                 diversity: bool = True, work: str | Path | None = None, jobs: int = 1, in_process: bool = True):
         for a in arms:
             if a not in ARMS:
                 raise ValueError(f"unknown arm {a!r}; choose from {ARMS}")
@@ -94,6 +108,11 @@ class Study:
         # cells run with cwd=work: every path handed to them must be absolute
         self.work = Path(work).resolve() if work is not None else self.out
         self.seeds, self.arms, self.diversity, self.jobs = seeds, tuple(arms), diversity, jobs
+        self.in_process = in_process
+        self._workers: queue.Queue = queue.Queue()  # idle cell workers (at most ``jobs``, made when first needed)
+        self._n_workers = 0
+        self._lock = threading.Lock()
+        self._cell_locks: dict[str, threading.Lock] = {}  # cells several chains ask for (a seed's start_val)
         self.budget = BUDGETS[budget] if isinstance(budget, str) else budget
         self.tb = self.work / "tb"  # TensorBoard events and checkpoints
         self.cells = self.work / "cells"
@@ -131,20 +150,56 @@ class Study:
         return self._run_process(cell, args, name, version, logf)
 
     def _run_process(self, cell: str, args: list[str], name: str, version: str, logf: Path) -> Path:
-        cmd = [sys.executable, str(RUN_SCRIPT), *args, "--trainer.logger.init_args.save_dir", str(self.tb),
-               "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", version,
-               "--trainer.enable_progress_bar", "false"]
-        log.info("cell %s: %s", cell, " ".join(cmd))
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        if self.jobs > 1:  # cells in parallel share the cores: each gets its part of them
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
-        rc = run_process(cmd, env, logf, cwd=self.work)
+        argv = [*args, "--trainer.logger.init_args.save_dir", str(self.tb), "--trainer.logger.init_args.name", name,
+                "--trainer.logger.init_args.version", version, "--trainer.enable_progress_bar", "false"]
+        cmd = [sys.executable, str(RUN_SCRIPT), *argv]
+        log.info("cell %s: %s", cell, shell_line(cmd))
+        if self.in_process:  # the log starts with the command line, as run_process writes it
+            logf.parent.mkdir(parents=True, exist_ok=True)
+            with open(logf, "a") as f:
+                f.write(f"$ {shell_line(cmd)}\n")
+            rc = self._in_worker(argv, logf)
+        else:
+            rc = run_process(cmd, self._env(), logf, cwd=self.work)
         if rc != 0:
             raise RuntimeError(f"cell {cell} failed (exit {rc}); see {logf}")
         return self.tb / name / version
 
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        if self.jobs > 1:  # cells in parallel share the cores: each gets its part of them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        return env
+
+    def _in_worker(self, argv: list[str], logf: Path) -> int:
+        """Run one cell in an idle worker (a new one while fewer than ``jobs`` exist); a worker whose cell
+        failed is replaced, so no cell starts from a failed one's leftovers."""
+        with self._lock:
+            if self._workers.empty() and self._n_workers < self.jobs:
+                self._n_workers += 1
+                self._workers.put(CellWorker(self._env(), self.work))
+        worker = self._workers.get()
+        rc = 1
+        try:
+            rc = worker.run(argv, logf)
+        finally:
+            if rc != 0:
+                worker.close()
+                worker = CellWorker(self._env(), self.work)
+            self._workers.put(worker)
+        return rc
+
+    def close(self) -> None:
+        """Stop the cell workers (a later cell starts new ones)."""
+        with self._lock:
+            while not self._workers.empty():
+                self._workers.get().close()
+            self._n_workers = 0
+
     def _seed_args(self, seed: int) -> list[str]:
-        return ["--seed_everything", str(seed), "--data.seed", str(seed), *self.budget.common]
+        b = self.budget
+        ebs = ["--data.eval_batch_size", str(b.eval_batch_size)] if b.eval_batch_size else []
+        return ["--seed_everything", str(seed), "--data.seed", str(seed), *b.common, *ebs]
 
     def coconut(self, seed: int) -> str:
         cell = f"coconut_s{seed}"
@@ -158,36 +213,64 @@ class Study:
         ckpt = vdir / "checkpoints" / "last.ckpt"
         return self._finish(cell, {"ckpt": str(ckpt), "seconds": None})["ckpt"]
 
+    def _arm_args(self, seed: int, arm: str, start: str, steps: int) -> list[str]:
+        """``fit`` of ``arm`` from ``start`` for ``steps`` steps, with the budget's validation."""
+        b = self.budget
+        args = ["fit", "--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm}.yaml"),
+                *self._seed_args(seed), "--model.init_from", start, "--data.val_limit", str(b.val_limit)]
+        spec = get_arm(arm)
+        extra = {"batch_size": 32, "lr": 1.0e-4} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
+        if spec.start == "cot":  # the CoT model, at stage 0 with the CoT prompt layout
+            extra["stages"] = [0]
+        return args + ["--model.schedule", json.dumps([{"kind": spec.phase, "steps": steps, "name": arm, **extra}])]
+
+    def start_val(self, seed: int, arm: str, start: str) -> float:
+        """Validation greedy pass@1 of ``arm``'s start, what every arm reports at step 0. Evaluated once per
+        seed and kind of start (``latent``; ``cot`` for cot_grpo), by the code that evaluated it inside each
+        RL cell before (the phase summary's start evaluation, in a fit of 0 steps): the same number."""
+        kind = get_arm(arm).start
+        cell = f"val_start_{kind}_s{seed}"
+        with self._lock:
+            cell_lock = self._cell_locks.setdefault(cell, threading.Lock())
+        with cell_lock:  # the arms of a seed run in parallel with --jobs: the first computes it, the rest read it
+            return self._start_val(seed, arm, start, kind, cell)
+
+    def _start_val(self, seed: int, arm: str, start: str, kind: str, cell: str) -> float:
+        done = self._done(cell)
+        if done:
+            return done["val_pass@1"]
+        t = time.perf_counter()
+        args = [*self._arm_args(seed, arm, start, 0), "--summary.splits", '["validation"]',
+                "--summary.phase_checkpoints", "false", "--checkpoint.save_last", "false",
+                "--checkpoint.every_n_train_steps", "null"]
+        vdir = self._run(args, f"val_start_{kind}", f"seed{seed}", cell)
+        row = next(r for r in json.loads((vdir / "summary.json").read_text())["phases"] if r["phase"] == "start")
+        return self._finish(cell, {"val_pass@1": row["val_pass@1"], "val_n": row["val_n"], "start": start,
+                                   "seconds": round(time.perf_counter() - t, 1)})["val_pass@1"]
+
     def train_arm(self, seed: int, arm: str, start: str) -> dict:
         cell = f"train_{arm}_s{seed}"
         done = self._done(cell)
         if done:
             return done
         b = self.budget
-        args = ["fit", "--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm}.yaml"),
-                *self._seed_args(seed), "--model.init_from", start, "--data.val_limit", str(b.val_limit),
-                "--trainer.val_check_interval", str(b.val_interval),
+        start_val = self.start_val(seed, arm, start)
+        t = time.perf_counter()
+        args = [*self._arm_args(seed, arm, start, b.grpo_steps), "--trainer.val_check_interval", str(b.val_interval),
                 "--trainer.log_every_n_steps", "1",  # the training-reward curve at every step ("learns")
                 "--checkpoint.monitor", "val/pass@1", "--checkpoint.mode", "max", "--checkpoint.save_top_k", "1",
-                "--checkpoint.every_n_train_steps", "null", "--checkpoint.filename", "best"]
-        spec = get_arm(arm)
-        extra = {"batch_size": 32, "lr": 1.0e-4} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
-        if spec.start == "cot":  # the CoT model, at stage 0 with the CoT prompt layout
-            extra["stages"] = [0]
-        sched = [{"kind": spec.phase, "steps": b.grpo_steps, "name": arm, **extra}]
-        args += ["--model.schedule", json.dumps(sched)]
-        t = time.perf_counter()
+                "--checkpoint.every_n_train_steps", "null", "--checkpoint.filename", "best",
+                # what nobody reads: the phase-end evaluations (the start's is start_val's) and phase checkpoint
+                "--summary.splits", "[]", "--summary.evaluate_start", "false", "--summary.phase_checkpoints", "false"]
         vdir = self._run(args, arm, f"seed{seed}", cell)
         best = vdir / "checkpoints" / "best.ckpt"
         curves = read_curves(vdir, ("grpo/frac_zero_std", "grpo/reward_mean", "grpo/frac_all_correct",
                                     "grpo/frac_all_wrong", "grpo/frac_mixed", "val/pass@1"))
         fz = curves.get("grpo/frac_zero_std", [])
-        summary = json.loads((vdir / "summary.json").read_text()) if (vdir / "summary.json").exists() else {}
-        start = [r for r in summary.get("phases", []) if r.get("phase") == "start"]
         return self._finish(cell, {"ckpt": str(best if best.exists() else vdir / "checkpoints" / "last.ckpt"),
                                    "frac_zero_std": sum(v for _, v in fz) / len(fz) if fz else float("nan"),
-                                   "start_val": start[0].get("val_pass@1") if start else None,
-                                   "curves": curves, "seconds": round(time.perf_counter() - t, 1)})
+                                   "start_val": start_val, "curves": curves,
+                                   "seconds": round(time.perf_counter() - t, 1)})
 
     def evaluate(self, seed: int, tag: str, ckpt: str, arm_cfg: str | None) -> dict:
         cell = f"test_{tag}_s{seed}"
@@ -202,23 +285,28 @@ class Study:
                 "--model.evaluation.perturb", json.dumps({"arm": "dropout_shared", "p": b.eval_p})]
         if arm_cfg is None:
             args += b.coconut_args
+        t = time.perf_counter()
         vdir = self._run(args, f"test_{tag}", f"seed{seed}", cell)
         rows = [json.loads(line) for line in (vdir / "predictions_test.jsonl").read_text().splitlines()]
-        return self._finish(cell, score(rows, b.k))
+        return self._finish(cell, {**score(rows, b.k), "seconds": round(time.perf_counter() - t, 1)})
 
     # -- the study -----------------------------------------------------------------------------------
     def run(self) -> None:
         """Every cell not finished yet: the Coconut starts (in parallel), then each seed's start evaluation
         and each (seed, arm) training + evaluation chain (in parallel, ``jobs`` at a time)."""
-        first = self.coconut(0)
-        if self.diversity and not (self.out / "diversity.csv").exists():
-            self.run_diversity(first)
-        with ThreadPoolExecutor(self.jobs) as pool:
-            starts = dict(zip(range(self.seeds), pool.map(self.coconut, range(self.seeds))))
-            chains = [pool.submit(self.evaluate, s, "coconut", starts[s], None) for s in range(self.seeds)]
-            chains += [pool.submit(self._arm_chain, s, arm, starts[s]) for s in range(self.seeds) for arm in self.arms]
-            for c in chains:
-                c.result()  # re-raises a failed cell
+        try:
+            first = self.coconut(0)
+            if self.diversity and not (self.out / "diversity.csv").exists():
+                self.run_diversity(first)
+            with ThreadPoolExecutor(self.jobs) as pool:
+                starts = dict(zip(range(self.seeds), pool.map(self.coconut, range(self.seeds))))
+                chains = [pool.submit(self.evaluate, s, "coconut", starts[s], None) for s in range(self.seeds)]
+                chains += [pool.submit(self._arm_chain, s, arm, starts[s]) for s in range(self.seeds)
+                           for arm in self.arms]
+                for c in chains:
+                    c.result()  # re-raises a failed cell
+        finally:
+            self.close()
         self.report()
 
     def _arm_chain(self, seed: int, arm: str, start: str) -> dict:

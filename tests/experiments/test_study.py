@@ -191,3 +191,40 @@ def test_mean_over_seeds_matches_steps_not_positions():
     every_tenth = [(10, 100.0), (20, 200.0)]
     assert mean_over_seeds([every_tenth, every_step]) == ([10, 20], [55.0, 110.0])
     assert mean_over_seeds([every_step]) == ([s for s, _ in every_step], [v for _, v in every_step])
+
+
+@pytest.mark.slow
+def test_cells_in_workers_give_the_numbers_of_one_process_per_cell(tmp_path):
+    """The tiny budget's cells run in a long-lived worker (the default) and one process per cell: every
+    cell record is the same (validation and reward curves, start validation, per-problem test correctness,
+    sampled pass@1, pass@k, maj@k), and so are the chosen checkpoints' step and weights. The once-per-seed
+    start validation equals what an RL cell's phase summary measured at its start (before, every arm
+    evaluated it in its own cell)."""
+    import torch
+
+    from lightning_latent.experiments.study import Study
+
+    def study(name: str, in_process: bool) -> Study:
+        st = Study(tmp_path / name, seeds=1, arms=("none", "dropout_shared"), budget="tiny",
+                   work=tmp_path / f"{name}_work", diversity=False, in_process=in_process)
+        st.run()
+        return st
+
+    a, b = study("workers", True), study("processes", False)
+    names = sorted(f.stem for f in a.cells.glob("*.json"))
+    assert names == sorted(f.stem for f in b.cells.glob("*.json")) and "val_start_latent_s0" in names
+    for name in names:
+        ca, cb = json.loads((a.cells / f"{name}.json").read_text()), json.loads((b.cells / f"{name}.json").read_text())
+        keep = lambda c: {k: v for k, v in c.items() if k not in ("seconds", "ckpt", "start")}  # noqa: E731
+        assert keep(ca) == keep(cb), name
+        if name.startswith("train_"):
+            ka, kb = (torch.load(c["ckpt"], map_location="cpu", weights_only=False) for c in (ca, cb))
+            assert ka["schedule_state"]["step_count"] == kb["schedule_state"]["step_count"]
+            assert all(torch.equal(v, kb["state_dict"][k]) for k, v in ka["state_dict"].items()), name
+    assert json.loads((a.cells / "test_none_s0.json").read_text())["n_eval"] == 8
+    # the old way: the RL cell's own phase summary evaluates the start on the same validation problems
+    start = json.loads((a.cells / "coconut_s0.json").read_text())["ckpt"]
+    args = [*a._arm_args(0, "dropout_shared", start, 1), "--summary.splits", '["validation"]']
+    vdir = b._run(args, "old_way", "seed0", "old_way")
+    row = next(r for r in json.loads((vdir / "summary.json").read_text())["phases"] if r["phase"] == "start")
+    assert row["val_pass@1"] == json.loads((a.cells / "val_start_latent_s0.json").read_text())["val_pass@1"]

@@ -1,0 +1,13 @@
+"""Loaded by every Python process started with this folder on PYTHONPATH (``site`` imports it): when
+``LL_CELL_PROFILE`` names a folder and the process is an ``experiments/run.py`` run or a study's cell
+worker (``lightning_latent/experiments/cell_worker.py``), it installs
+:mod:`cell_profiler` (a wall-clock profile by part, written to that folder at exit). Used by
+``benchmarks/study_cell.py`` to profile the study's cells of any commit without changing its code."""
+import os
+import sys
+
+if os.environ.get("LL_CELL_PROFILE") and sys.argv and sys.argv[0].endswith(("run.py", "cell_worker.py")):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import cell_profiler
+
+    cell_profiler.install(os.environ["LL_CELL_PROFILE"])
