@@ -106,12 +106,17 @@ def profile_sum(prof: Path) -> dict:
 def run_cells_side(a: argparse.Namespace) -> None:
     """Inside a subprocess with PYTHONPATH = the side's tree: one seed's cells through Study.run."""
     import dataclasses
+    import importlib
 
-    try:
-        from lightning_latent.experiments import study as study_mod
-    except ImportError:  # before issue 20
-        from lightning_latent import study as study_mod
+    # Only the side's own tree: an editable install's finder would fill in modules the tree lacks from the
+    # installed checkout (the old tree has no lightning_latent/experiments/), mixing two commits' code.
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", "")).lower()]
+    new_layout = (Path.cwd() / "lightning_latent" / "experiments").is_dir()
+    study_mod = importlib.import_module("lightning_latent.experiments.study" if new_layout else "lightning_latent.study")
+    assert Path(study_mod.__file__).resolve().is_relative_to(Path.cwd().resolve()), study_mod.__file__
     budget = dataclasses.replace(study_mod.BUDGETS[a.budget], coconut_args=["--model.schedule", START_SCHEDULE])
+    if a.eval_batch_size:
+        budget = dataclasses.replace(budget, eval_batch_size=a.eval_batch_size)
     kw = {"jobs": a.jobs} if "jobs" in study_mod.Study.__init__.__code__.co_varnames else {}
     st = study_mod.Study(a.side_out / "out", seeds=1, arms=(a.arm,), budget=budget, diversity=False,
                          work=a.side_out / "work", **kw)
@@ -138,6 +143,8 @@ def side_cells(src: Path, out: Path, a: argparse.Namespace) -> dict:
     env = side_env(src, prof, a.threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side-cells", "--side-out", str(out), "--start",
            str(a.start), "--budget", a.budget, "--arm", a.arm, "--jobs", str(a.jobs), "--threads", str(a.threads)]
+    if a.eval_batch_size and out.name == "new":
+        cmd += ["--eval-batch-size", str(a.eval_batch_size)]
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -185,6 +192,8 @@ def compare_cells(old: Path, new: Path) -> dict:
         if name.startswith("coconut_s"):
             continue
         fa, fb = old / "work" / "cells" / f"{name}.json", new / "work" / "cells" / f"{name}.json"
+        if name.startswith("val_start_") and not fa.exists():
+            continue  # computed once per seed since issue 21: compared as the train cells' start_val
         if not (fa.exists() and fb.exists()):
             out[name] = "missing on one side"
             continue
@@ -231,6 +240,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads per process (OMP_NUM_THREADS)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--sides", default="old,new", help="which sides to run (old, new or both)")
+    ap.add_argument("--eval-batch-size", type=int, default=None,
+                    help="the new side's study option --eval-batch-size (off by default: it may change a number)")
     ap.add_argument("--side-cells", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -244,7 +255,8 @@ def main() -> None:
     if a.start is not None:
         a.start = a.start.resolve()
     start_config = "plateau.yaml"
-    result: dict = {"budget": a.budget, "arm": a.arm, "jobs": a.jobs, **cpu_facts(a.threads), "sides": {}}
+    result: dict = {"budget": a.budget, "arm": a.arm, "jobs": a.jobs, "new_eval_batch_size": a.eval_batch_size,
+                    **cpu_facts(a.threads), "sides": {}}
     refs = {"old": a.old, "new": a.new}
     for side in a.sides.split(","):
         src = checkout(refs[side], out, side)

@@ -57,3 +57,16 @@ def test_environment_record_names_what_a_rerun_needs():
     assert env["packages"]["torch"] and env["packages"]["lightning"] and "numpy" in env["packages"]
     assert env["cpu_count"] == os.cpu_count() and env["torch_threads"] == torch.get_num_threads()
     assert len(env["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    # the machine's speed, so that a timing names what it was measured on
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(env["matmul_1024_fp32_gflops"], float) and env["matmul_1024_fp32_gflops"] > 0
+
+
+def test_measuring_the_matmul_throughput_leaves_the_global_rng_alone():
+    from lightning_latent.callbacks import matmul_gflops
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    matmul_gflops(seconds=0.01)
+    assert torch.equal(torch.rand(4), expected)

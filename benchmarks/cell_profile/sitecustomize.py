@@ -6,7 +6,9 @@ worker (``lightning_latent/experiments/cell_worker.py``), it installs
 import os
 import sys
 
-if os.environ.get("LL_CELL_PROFILE") and sys.argv and sys.argv[0].endswith(("run.py", "cell_worker.py")):
+# (sys.argv[0] is still "-m" while site runs; sys.orig_argv holds the module's name)
+_argv = " ".join(getattr(sys, "orig_argv", sys.argv))
+if os.environ.get("LL_CELL_PROFILE") and ("run.py" in _argv or "cell_worker" in _argv):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import cell_profiler
 
