@@ -16,7 +16,7 @@ from .model.build import ModelConfig
 from .model.perturb import PerturbConfig
 from .optim import OptimConfig
 from .rl.update import GRPOConfig
-from .schedule import Phase, PlateauRule
+from .schedule import Decay, Phase, PlateauRule
 
 
 def coerce(cls, value):
@@ -29,6 +29,6 @@ def coerce(cls, value):
 
 # Checkpoints written before the configs moved out of module.py name them ``lightning_latent.module.*``.
 torch.serialization.add_safe_globals(
-    [ModelConfig, CurriculumConfig, Phase, PlateauRule, PerturbConfig, GRPOConfig, OptimConfig, EvalConfig,
+    [ModelConfig, CurriculumConfig, Phase, PlateauRule, Decay, PerturbConfig, GRPOConfig, OptimConfig, EvalConfig,
      SyntheticConfig, *((cls, f"lightning_latent.module.{cls.__name__}") for cls in (GRPOConfig, OptimConfig, EvalConfig))]
 )

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import random
 import time
+from contextlib import nullcontext
 
 import lightning as L
 import torch
 
 from .config_types import coerce
-from .data.layout import CurriculumConfig, sft_loss, train_batch
+from .data.layout import IGNORE, CurriculumConfig, sft_loss, train_batch
 from .data.records import Record
 from .data.sources import SKIPS
 from .data.synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
@@ -30,7 +31,7 @@ from .model.perturb import PerturbConfig, Perturber
 from .optim import GuardedOptimizer, NonFiniteStop, OptimConfig, enter_segment
 from .rl.reference import Reference
 from .rl.rewards import get_reward
-from .rl.rollout import rollout, rollout_seed, rollout_stats
+from .rl.rollout import TRAINING_MASK_K, rollout, rollout_seed, rollout_stats
 from .rl.update import GRPOConfig, grpo_update
 from .schedule import Phase, PlateauWatch, Schedule, Segment, default_schedule, flatten
 
@@ -89,7 +90,9 @@ class LatentReasoner(L.LightningModule):
                                          {"sft": self.optim_cfg.lr, "grpo": self.optim_cfg.grpo_lr}))
         self.tokenizer, self.layout, self.model = build_latent_model(
             self.backbone_cfg, self.curriculum, max_length, coerce(SyntheticConfig, synthetic), task, init_from)
-        self.perturber = Perturber(self.model.lm, self.perturb_cfg)
+        self.perturber = Perturber(self.model.lm, self.perturb_cfg)  # rollouts, replays (and the reference's own)
+        train_masks = self.perturb_cfg.for_training()  # supervised phases: perturb.p_train, one mask per sequence
+        self.train_perturber = Perturber(self.model.lm, train_masks) if train_masks is not None else None
         eval_perturber = Perturber(self.model.lm, self.eval_cfg.perturb) if self.eval_cfg.perturb else self.perturber
         self.reward_fn = get_reward(self.grpo_cfg.reward)
         self.evaluator = Evaluator(self.model, self.layout, self.tokenizer, self.eval_cfg, eval_perturber,
@@ -136,12 +139,12 @@ class LatentReasoner(L.LightningModule):
             log.warning("the schedule is already complete (%d steps): nothing to train", self.total_steps)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
-        # -1 ends Lightning's epoch: a segment ended early by its plateau rule; the next epoch's loader
-        # serves the next segment (Schedule.data_plan).
+        # -1 ends Lightning's epoch: a segment ended (or shortened) by its plateau rule; the next epoch's
+        # loader serves the next segment (Schedule.data_plan).
         return -1 if self.schedule.epoch_over else None
 
     def on_train_epoch_start(self) -> None:
-        self.schedule.epoch_over = False
+        self.schedule.epoch_end = None
 
     # -- training ----------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -188,12 +191,20 @@ class LatentReasoner(L.LightningModule):
         b = train_batch(self.layout, records, seg.stage, seg.cot_layout, rng, SKIPS, f"step {self.step_count}")
         b = {k: v.to(self.device) for k, v in b.items()}
         self.model.train()
-        loss = sft_loss(self.model(b["input_ids"], b["attention_mask"], b["position_ids"]).logits, b["labels"])
+        pert, masked = self.train_perturber, {}
+        if pert is not None:  # one mask per sequence on its head (scope latent: up to its first labelled column)
+            masked = {"perturber": pert, "answer_from": (b["labels"] != IGNORE).int().argmax(1)}
+        with pert.rows(torch.tensor([rollout_seed(self.seed, self.step_count, int(i), TRAINING_MASK_K)
+                                     for i in b["idx"]])) if pert is not None else nullcontext():
+            out = self.model(b["input_ids"], b["attention_mask"], b["position_ids"], **masked)
+        loss = sft_loss(out.logits, b["labels"])
         optimizer.zero_grad()
         self.manual_backward(loss)
         stepped, grad_norm = optimizer.step(loss.detach())
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log(f"train/{seg.name}/loss", loss.detach())
+        if seg.decay is not None:  # (the learning rate moves only in a decay)
+            self.log("train/lr", seg.lr_at(self.step_count))
         if stepped:
             self.log("train/grad_norm", grad_norm)
 

@@ -55,11 +55,11 @@ class OptimConfig:
 def enter_segment(opt, cfg: OptimConfig, seg: Segment, step: int, model: torch.nn.Module, trainable: str | None,
                   guard: NonFiniteGuard, batch_ids: list | None = None) -> "GuardedOptimizer":
     """The optimiser as segment ``seg`` needs it at global step ``step``: its learning rate (with the GRPO
-    warm-up) and weight decay; at the segment's first step a cleared state (each segment starts Adam
+    warm-up, or a supervised segment's decay) and weight decay; at the segment's first step a cleared state (each segment starts Adam
     afresh); ``model``'s parameters trained as ``trainable`` says (:func:`~.model.trainable.trainable_masks`)."""
     is_grpo = seg.kind == "grpo"
     warmup = cfg.grpo_warmup_steps if is_grpo else 0
-    lr = seg.lr * min(1.0, (step - seg.start + 1) / warmup) if warmup > 0 else seg.lr
+    lr = seg.lr * min(1.0, (step - seg.start + 1) / warmup) if warmup > 0 else seg.lr_at(step)
     for group in opt.param_groups:
         group["lr"] = lr
         group["weight_decay"] = cfg.grpo_weight_decay if is_grpo else cfg.weight_decay

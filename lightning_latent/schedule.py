@@ -46,6 +46,21 @@ class PlateauRule:
             raise ValueError(f"plateau={self}: every and patience must be >= 1, min_gain and min_steps >= 0")
 
 
+@dataclass
+class Decay:
+    """The end of a segment: after its constant learning rate (its ``steps``, or fewer when its plateau
+    rule fires), ``steps`` more steps whose learning rate falls linearly to ``floor``, the last one at it;
+    then the segment ends. The curve is torch's ``LinearLR`` (``end_factor = floor / lr``) stepped before
+    each step, computed from the step counter (so a resumed run needs no scheduler state)."""
+
+    steps: int = 1000
+    floor: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not self.floor > 0:
+            raise ValueError(f"decay={self}: steps must be >= 1 and floor > 0")
+
+
 class PlateauTracker:
     """The plateau rule's state within one segment: the best value and the evaluations since it."""
 
@@ -79,7 +94,7 @@ class PlateauWatch:
     def due(seg: "Segment", step: int) -> bool:
         """After ``step`` completed steps: is this an evaluation step of ``seg``'s plateau rule?"""
         done = step - seg.start
-        return seg.plateau is not None and done % seg.plateau.every == 0 and step < seg.end
+        return seg.plateau is not None and done % seg.plateau.every == 0 and step < seg.end and done < seg.decay_after
 
     def record(self, schedule: "Schedule", seg: "Segment", value: float, n: int, model: torch.nn.Module) -> bool:
         """One evaluation of ``seg`` after ``schedule.step`` steps (validation pass@1 ``value`` over ``n``
@@ -99,8 +114,8 @@ class PlateauWatch:
         if not ended:
             return False
         schedule.end_segment(index, done)
-        log.info("%s stage %d ends at its plateau after %d steps (best validation pass@1 %.3f)", seg.name,
-                 seg.stage, seg.steps, self.tracker.best)
+        log.info("%s stage %d %s at its plateau after %d steps (best validation pass@1 %.3f)", seg.name, seg.stage,
+                 "starts its decay" if seg.decay else "ends", done, self.tracker.best)
         if seg.plateau.restore_best and self.best_state is not None:
             model.load_state_dict(self.best_state)
             self.history[-1]["restored_step"] = self.best_step
@@ -141,6 +156,8 @@ class Phase:
     lr: learning rate of this phase (None: ``optim.lr``, or ``optim.grpo_lr`` for grpo).
     plateau: end each of the phase's segments early once validation pass@1 stops improving
         (:class:`PlateauRule`; ``steps`` is then the cap). None: exactly ``steps`` steps.
+    decay: each of the phase's segments ends with a linear learning-rate decay (:class:`Decay`) after its
+        constant part (``steps``, or where its plateau rule fired). None: no decay.
     """
 
     kind: PhaseKind
@@ -150,6 +167,7 @@ class Phase:
     batch_size: int | None = None
     lr: float | None = None
     plateau: PlateauRule | None = None
+    decay: Decay | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("cot", "coconut", "grpo", "sft"):
@@ -163,6 +181,10 @@ class Phase:
             raise ValueError(f"schedule ({self.label}) steps={self.steps} must be >= 0")
         if isinstance(self.plateau, dict):
             self.plateau = PlateauRule(**self.plateau)
+        if isinstance(self.decay, dict):
+            self.decay = Decay(**self.decay)
+        if self.decay is not None and self.kind == "grpo":
+            raise ValueError(f"schedule ({self.label}): a decay is for supervised phases (cot, coconut, sft)")
 
     @property
     def label(self) -> str:
@@ -182,10 +204,19 @@ class Segment:
     first_of_phase: bool = False
     last_of_phase: bool = False
     plateau: PlateauRule | None = None
+    decay: Decay | None = None
+    decay_after: int = 1 << 62  # steps into the segment at which its decay starts (no decay: never)
 
     @property
     def end(self) -> int:
         return self.start + self.steps
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of global step ``step`` (in this segment): ``lr``, then along its decay."""
+        into_decay = step - self.start - self.decay_after + 1
+        if self.decay is None or into_decay < 1:
+            return self.lr
+        return self.lr + (self.decay.floor - self.lr) * min(into_decay, self.decay.steps) / self.decay.steps
 
     @property
     def cot_layout(self) -> bool:
@@ -229,10 +260,13 @@ def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str,
         group = "grpo" if ph.kind == "grpo" else "sft"
         for j, s in enumerate(stages):
             n = per_stage[j]
-            segs.append(Segment(i, ph.label, ph.kind, s, n, start, ph.batch_size or default_batch[group],
-                                ph.lr if ph.lr is not None else default_lr[group], j == 0, j == len(stages) - 1,
-                                ph.plateau))
-            start += n
+            seg = Segment(i, ph.label, ph.kind, s, n, start, ph.batch_size or default_batch[group],
+                          ph.lr if ph.lr is not None else default_lr[group], j == 0, j == len(stages) - 1,
+                          ph.plateau)
+            if ph.decay is not None:  # the constant part, then the decay's steps
+                seg.decay, seg.decay_after, seg.steps = ph.decay, n, n + ph.decay.steps
+            segs.append(seg)
+            start += seg.steps
     return segs
 
 
@@ -285,7 +319,13 @@ class Schedule:
     def __init__(self, segments: list[Segment]):
         self.segments = segments
         self.step = 0
-        self.epoch_over = False  # a segment ended early: the current loader's remaining batches are not used
+        # The step at which the current loader's epoch ends early (a segment ended or shortened by its plateau
+        # rule: the loader's remaining batches are not used); None: when the loader runs out.
+        self.epoch_end: int | None = None
+
+    @property
+    def epoch_over(self) -> bool:
+        return self.epoch_end is not None and self.step >= self.epoch_end
 
     @property
     def total(self) -> int:
@@ -304,11 +344,16 @@ class Schedule:
         return data_plan(self.segments, self.step)
 
     def end_segment(self, index: int, steps: int) -> None:
-        """Segment ``index`` ends after ``steps`` steps (its plateau rule fired); later segments move up."""
+        """Segment ``index``'s plateau rule fired after ``steps`` steps: it ends there, or with a decay it
+        decays from there on; later segments move up."""
+        seg = self.segments[index]
         lengths = [s.steps for s in self.segments]
-        lengths[index] = steps
+        if seg.decay is not None:
+            seg.decay_after, lengths[index] = steps, steps + seg.decay.steps
+        else:
+            lengths[index] = steps
         set_lengths(self.segments, lengths)
-        self.epoch_over = True
+        self.epoch_end = seg.end
 
     def set_lengths(self, lengths: list[int]) -> None:
         set_lengths(self.segments, lengths)
@@ -317,8 +362,11 @@ class Schedule:
         """What a checkpoint records of where the run is (``schedule_state``): the step counter (what a
         resume restores), the segment lengths (plateau-shortened stages), and for readers the place."""
         seg = self.segment
-        return {"step_count": self.step, "phase": seg.name, "kind": seg.kind, "stage": seg.stage,
-                "step_in_stage": self.step - seg.start, "segment_steps": [s.steps for s in self.segments]}
+        state = {"step_count": self.step, "phase": seg.name, "kind": seg.kind, "stage": seg.stage,
+                 "step_in_stage": self.step - seg.start, "segment_steps": [s.steps for s in self.segments]}
+        if any(s.decay is not None for s in self.segments):
+            state["decay_after"] = [s.decay_after for s in self.segments]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the step counter, and the segments that a plateau rule ended early keep that length
@@ -326,6 +374,9 @@ class Schedule:
         self.step = int(state["step_count"])
         saved = state.get("segment_steps", ())
         if len(saved) == len(self.segments):  # a checkpoint of the same schedule
+            for seg, after in zip(self.segments, state.get("decay_after") or [None] * len(saved)):
+                if seg.decay is not None and after is not None and seg.plateau is not None:
+                    seg.decay_after = min(after, seg.decay_after)  # where its plateau rule started the decay
             set_lengths(self.segments, [min(n, s.steps) if s.plateau is not None else s.steps
                                         for s, n in zip(self.segments, saved)])
 

@@ -38,8 +38,8 @@ def fit(module, root, steps_log: list | None = None) -> L.Trainer:
     return t
 
 
-def grpo_from(ckpt, lr=1e-4, reward="exact_match", arm="temperature", steps=6, patience=3) -> LatentReasoner:
+def grpo_from(ckpt, lr=1e-4, reward="exact_match", arm="temperature", steps=6, patience=3, p=0.1) -> LatentReasoner:
     L.seed_everything(0, verbose=False)
     return tiny([Phase("grpo", steps=steps, stages=[0])], init_from=ckpt, grpo_prompts=8,
-                optim=OptimConfig(grpo_lr=lr), perturb=PerturbConfig(arm=arm),
+                optim=OptimConfig(grpo_lr=lr), perturb=PerturbConfig(arm=arm, p=p),
                 grpo=GRPOConfig(group_size=4, max_new_tokens=16, collapse_patience=patience, reward=reward))

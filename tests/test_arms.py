@@ -22,10 +22,11 @@ from conftest import tiny_trainer
 
 
 def test_builtin_arms_and_what_derives_from_them():
-    assert study_arms() == ("none", "temperature", "dropout_per_step", "gaussian", "dropout_shared", "sft_continue",
-                            "cot_grpo")
+    assert study_arms() == ("none", "temperature", "dropout_per_step", "gaussian", "dropout_shared", "dropout_greedy",
+                            "sft_continue", "cot_grpo")
     assert [a for a in ARMS if ARMS[a].start == "cot"] == ["cot_grpo"]
-    assert [a for a in ARMS if ARMS[a].greedy_answers] == ["none"]
+    assert [a for a in ARMS if ARMS[a].greedy_answers] == ["none", "dropout_greedy"]  # greedy answers
+    assert PerturbConfig(arm="dropout_greedy", p=0.1).is_dropout  # masks: the only noise of dropout_greedy
     assert [a for a in ARMS if ARMS[a].phase == "sft"] == ["sft_continue"]
     assert PerturbConfig(arm="dropout_per_step").arm_entry.per_step and PerturbConfig(arm="dropout_shared").is_dropout
     assert not PerturbConfig(arm="gaussian").arm_entry.uses_sites and PerturbConfig(arm="gaussian").active
@@ -35,8 +36,9 @@ def test_builtin_arms_and_what_derives_from_them():
     assert "uniform_thought" not in study_arms()  # a registered arm outside the study's default list
 
 
-def test_none_arm_decodes_greedily_whatever_the_temperature():
-    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), perturb=PerturbConfig(arm="none"),
+@pytest.mark.parametrize("arm", ["none", "dropout_greedy"])
+def test_greedy_arms_decode_greedily_whatever_the_temperature(arm):
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), perturb=PerturbConfig(arm=arm),
                        grpo=GRPOConfig(answer_temperature=1.0), schedule=[Phase("grpo", steps=1)])
     assert m.rollout_temperature == 0.0
     m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), perturb=PerturbConfig(arm="temperature"),

@@ -72,3 +72,16 @@ def test_none_arm_runs_to_the_end(cot_ckpt, tmp_path):
     t = fit(m, tmp_path)
     assert m.step_count == 6
     assert float(t.callback_metrics["grpo/frac_zero_std"]) == 1.0  # every group zero-variance, by design
+
+
+def test_dropout_greedy_runs_while_its_masks_make_groups_differ(cot_ckpt, tmp_path):
+    """dropout_greedy answers greedily, so only its frozen masks can make a group's rewards differ. With
+    masks its groups are mixed and the guard (patience 1) lets it run to the end; the same arm with p=0 is
+    the deterministic collapse: a step whose rollouts are all right stops it. (p=0.7: masks on the question
+    alone rarely change this start's one-step additions; at 0.3 and 0.5 its first step is all right.)"""
+    m = grpo_from(cot_ckpt, arm="dropout_greedy", p=0.7, patience=1)
+    t = fit(m, tmp_path / "masks")
+    assert m.step_count == 6 and m.rollout_temperature == 0.0
+    assert float(t.callback_metrics["grpo/frac_zero_std"]) < 1.0 and float(t.callback_metrics["grpo/frac_mixed"]) > 0
+    with pytest.raises(CollapseError, match="every rollout got reward 1|every group of the last 1 steps"):
+        fit(grpo_from(cot_ckpt, arm="dropout_greedy", p=0.0, patience=1), tmp_path / "no_masks")

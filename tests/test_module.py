@@ -78,3 +78,87 @@ def test_module_refuses_bad_sizes_and_builds_its_schedule():
     assert [(s.kind, s.steps, s.batch_size) for s in m.segments] == [("cot", 2, 7), ("grpo", 3, 5)]
     assert m.segments[1].lr == 2e-5 and m.segments[0].lr == m.optim_cfg.lr
     assert m.eval_stage() == (0, True) and m.automatic_optimization is False
+
+
+def _one_sft_step(p_train: float, scope: str = "latent"):
+    """One coconut step of a tiny module (``perturb.p_train`` as given): the batch it drew, its logged loss,
+    and the weights it started from."""
+    import copy
+
+    from lightning_latent.model.perturb import PerturbConfig
+
+    L.seed_everything(0, verbose=False)
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2),
+                       curriculum=CurriculumConfig(c_thought=1, max_latent_stage=1), schedule=[Phase("coconut", steps=1,
+                                                                                                   stages=[1])],
+                       batch_size=4, perturb=PerturbConfig(p=0.1, p_train=p_train, scope=scope))
+    start = copy.deepcopy(m.model)
+    seen = {}
+
+    class Grab(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["batch"] = list(batch)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["loss"] = float(trainer.callback_metrics["train/loss"])
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tiny_trainer(d, callbacks=[Grab()]).fit(m, datamodule=tiny_data())
+    return m, start, seen
+
+
+def test_a_supervised_phase_trains_under_the_configured_masks():
+    """``perturb.p_train``: each training sequence gets one feature mask (seeded by run seed, step and
+    record, the same at every position and thought of its head), and the loss is the masked model's."""
+    import random
+
+    import torch
+
+    from lightning_latent.data.layout import IGNORE, sft_loss, train_batch
+    from lightning_latent.model.perturb import Perturber
+    from lightning_latent.rl.rollout import TRAINING_MASK_K, rollout_seed
+
+    plain, _, seen0 = _one_sft_step(0.0)
+    m, start, seen = _one_sft_step(0.3)
+    assert [r.idx for r in seen["batch"]] == [r.idx for r in seen0["batch"]]
+    b = train_batch(m.layout, seen["batch"], 1, False, random.Random("0/0/0"))
+    with torch.no_grad():
+        unmasked = sft_loss(start(b["input_ids"], b["attention_mask"], b["position_ids"]).logits, b["labels"])
+        pert = Perturber(start.lm, m.perturb_cfg.for_training())
+        seeds = torch.tensor([rollout_seed(0, 0, int(i), TRAINING_MASK_K) for i in b["idx"]])
+        with pert.rows(seeds):
+            out = start(b["input_ids"], b["attention_mask"], b["position_ids"], perturber=pert,
+                        answer_from=(b["labels"] != IGNORE).int().argmax(1))
+        masked = sft_loss(out.logits, b["labels"])
+    assert seen0["loss"] == pytest.approx(float(unmasked), abs=1e-6)  # p_train 0: the plain loss
+    assert seen["loss"] == pytest.approx(float(masked), abs=1e-6)  # p_train 0.3: exactly these masks
+    assert abs(float(masked) - float(unmasked)) > 1e-3  # and they change the loss (the check can fail)
+
+
+def test_rollouts_replays_and_references_apply_only_the_arms_masks():
+    """A model that trains under ``p_train`` masks rolls out, replays and takes reference log-probs under
+    its arm's masks alone: every rollout tensor equals a ``p_train = 0`` module's with the same weights."""
+    import torch
+
+    from lightning_latent.data.synthetic import synthetic_record
+    from lightning_latent.rl.reference import Reference
+    from lightning_latent.rl.rollout import replay_logprobs, rollout, rollout_seed
+
+    a, _, _ = _one_sft_step(0.0)
+    b, _, _ = _one_sft_step(0.3)
+    b.model.load_state_dict(a.model.state_dict())  # the same weights; only the training masks differ
+    recs = [synthetic_record(a.hparams["synthetic"], "train", i) for i in range(3)]
+    seeds = torch.tensor([rollout_seed(0, 5, r.idx, j) for r in recs for j in range(4)])
+    outs = []
+    for m in (a, b):
+        rb = rollout(m.model, m.perturber, m.layout, recs, 2, seeds, 4, 1.0, 4, m.reward_fn, m.tokenizer)
+        with torch.no_grad():
+            replay, _ = replay_logprobs(m.model, m.perturber, rb, 1.0)
+        ref = Reference(m.model, m.perturb_cfg).logprobs(rb, 1.0, True)
+        outs.append((rb.tokens, rb.logprobs, replay, ref, rb.mask))
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+    tokens, logp, replay, _, mask = outs[1]
+    assert ((replay - logp).abs() * mask).max() <= 1e-5  # the replay gap: the arm's masks rebuilt exactly

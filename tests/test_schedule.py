@@ -195,3 +195,46 @@ def test_plateau_watch_ends_a_segment_and_restores_its_best_weights():
     again = PlateauWatch()
     again.load_state_dict(watch.state_dict(), segs)
     assert again.history == watch.history and again.tracker.best == 0.5 and again.tracker.since_best == 2
+
+
+def test_a_decay_follows_the_constant_part_along_torchs_linear_lr():
+    """A phase's decay: ``steps`` more steps after its constant part, the learning rate along torch's
+    LinearLR (end_factor floor/lr) stepped before each step, the last step at the floor."""
+    from lightning_latent.schedule import Decay
+
+    seg = flatten([Phase("coconut", steps=4, stages=[1], lr=1e-3, decay={"steps": 5, "floor": 1e-4})], 1, BATCH, LR)[0]
+    assert seg.steps == 9 and seg.decay == Decay(steps=5, floor=1e-4) and seg.decay_after == 4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=5)
+    torch_lrs = []
+    for _ in range(5):
+        sched.step()
+        torch_lrs.append(opt.param_groups[0]["lr"])
+    assert [seg.lr_at(k) for k in range(4)] == [1e-3] * 4
+    assert [seg.lr_at(k) for k in range(4, 9)] == pytest.approx(torch_lrs) and seg.lr_at(8) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="a decay is for supervised phases"):
+        Phase("grpo", decay={"steps": 2})
+    with pytest.raises(ValueError, match="steps must be >= 1 and floor > 0"):
+        Decay(steps=0)
+
+
+def test_a_plateau_starts_the_decay_early_and_a_resume_keeps_it():
+    """The plateau rule firing at step 6 of a 20-step cap starts the 4-step decay there: the segment ends at
+    10, its last evaluations are not repeated during the decay, and a checkpoint carries where it began."""
+    rule = PlateauRule(every=2, patience=2, min_gain=0.5)
+    segs = flatten([Phase("cot", steps=20, lr=1e-3, plateau=rule, decay={"steps": 4, "floor": 1e-5}),
+                    Phase("grpo", steps=3)], 1, BATCH, LR)
+    s, watch, model = Schedule(segs), PlateauWatch(), torch.nn.Linear(2, 2)
+    ended = []
+    for step in range(1, 11):
+        s.step = step
+        if PlateauWatch.due(segs[0], step):
+            ended.append((step, watch.record(s, segs[0], 0.3, 10, model)))
+    assert ended == [(2, False), (4, False), (6, True)]  # no evaluation at 8: the decay has begun
+    assert segs[0].steps == 10 and segs[0].decay_after == 6 and segs[1].start == 10 and s.epoch_end == 10
+    assert segs[0].lr_at(5) == 1e-3 and segs[0].lr_at(9) == pytest.approx(1e-5)
+    state = s.state_dict()
+    fresh = Schedule(flatten([Phase("cot", steps=20, lr=1e-3, plateau=rule, decay={"steps": 4, "floor": 1e-5}),
+                              Phase("grpo", steps=3)], 1, BATCH, LR))
+    fresh.load_state_dict(state)
+    assert fresh.segments[0].steps == 10 and fresh.segments[0].decay_after == 6 and fresh.total == 13

@@ -86,3 +86,40 @@ def measure(module, records: list[Record], settings: list[DiversitySetting], k: 
                      "frac_zero_std": zero / n, "frac_mixed": mixed / n, "distinct_answers": distinct / n,
                      "thought_spread": spread / n, "reward_mean": reward / n})
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lightning_latent.experiments.diversity CKPT --arm dropout_greedy --p 0 0.05 0.1 0.2``: the
+    probe on validation prompts, one row per strength (CSV with ``--out``; one JSON line per row)."""
+    import argparse
+    import json
+
+    from ..checkpoints import load_module
+    from ..data.synthetic import synthetic_record
+    from .reporting import write_csv
+
+    ap = argparse.ArgumentParser(prog="python -m lightning_latent.experiments.diversity", description=main.__doc__)
+    ap.add_argument("ckpt")
+    ap.add_argument("--arm", default="dropout_greedy", help="dropout_greedy: the premise, masks as the only noise")
+    ap.add_argument("--p", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3],
+                    help="strengths: p for the dropout arms, the noise scale for gaussian")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="answer temperature (default: 0 for arms that answer greedily, else 1)")
+    ap.add_argument("--scope", default="latent")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--out", help="CSV file")
+    a = ap.parse_args(argv)
+    module = load_module(a.ckpt)
+    recs = [synthetic_record(module.hparams["synthetic"], "validation", i) for i in range(a.prompts)]
+    temp = a.temperature if a.temperature is not None else (0.0 if get_arm(a.arm).greedy_answers else 1.0)
+    rows = measure(module, recs, [DiversitySetting(a.arm, p, a.scope, temp) for p in a.p], k=a.k)
+    if a.out:
+        write_csv(a.out, rows)
+    for r in rows:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -99,6 +99,8 @@ register_arm(Arm("gaussian", thought=gaussian_thought,
                  help="Gaussian noise on each fed-back thought (perturb.noise_scale x its RMS), fresh per step"))
 register_arm(Arm("dropout_shared", dropout=True,
                  help="the method: one dropout mask per rollout, frozen across every latent step"))
+register_arm(Arm("dropout_greedy", dropout=True, greedy_answers=True,
+                 help="the premise: one frozen dropout mask per rollout and greedy answers, dropout the only noise"))
 register_arm(Arm("sft_continue", phase="sft",
                  help="control: the same number of supervised latent steps, no RL"))
 register_arm(Arm("cot_grpo", start="cot",

@@ -160,12 +160,14 @@ class LatentLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         perturber: Perturber | None = None,
-        answer_from: int | None = None,
+        answer_from: int | Tensor | None = None,
         logits_from: int = 0,
         return_cache: bool = False,
     ) -> LatentOutput:
-        """Run the recurrence. ``answer_from``: first answer column (scope ``latent`` leaves it unperturbed;
-        latent ids from there on are ordinary tokens, as in :func:`generate`)."""
+        """Run the recurrence. ``answer_from``: first answer column, one for every row (an int: rollouts and
+        replays, whose prompts end in one column) or one per row (an [N] tensor: a supervised batch, whose
+        language part starts where each row's head ends). Scope ``latent`` leaves the answer unperturbed, and
+        latent ids from there on are ordinary tokens, as in :func:`generate`."""
         n, t = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
@@ -176,7 +178,9 @@ class LatentLM(nn.Module):
         d = embeds.shape[-1]
         pert = perturber if (perturber is not None and perturber.enabled) else None
         is_lat = (input_ids == self.latent_id) if self.feedback else torch.zeros_like(input_ids, dtype=torch.bool)
-        if answer_from is not None:
+        if isinstance(answer_from, Tensor):
+            is_lat &= torch.arange(t, device=dev)[None, :] < answer_from.to(dev)[:, None]
+        elif answer_from is not None:
             # Answer columns are never thoughts: ``generate`` embeds a sampled ``<|latent|>`` id as an
             # ordinary token, so the replay of that answer must too (else the log-probs differ).
             is_lat[:, answer_from:] = False

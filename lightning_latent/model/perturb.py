@@ -43,12 +43,20 @@ class PerturbConfig:
     sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])
     scope: Literal["latent", "all"] = "latent"
     noise_scale: float = 0.1  # arms with a thought function (gaussian): its scale; 0 turns it off
+    # Supervised phases (cot, coconut, sft) train under feature masks at ``sites`` with this drop rate: one
+    # mask per training sequence, the same at every position and latent step (variational dropout over the
+    # recurrence), on the head (question, markers, thoughts) with scope ``latent``, everywhere with ``all``.
+    # So a rollout's mask (the arm's ``p``) is one the model could have drawn in training
+    # (docs/design.md#train-masks). 0: off. Rollouts, replays, references and evaluation never use it.
+    p_train: float = 0.0
 
     def __post_init__(self) -> None:
         """Fail at start-up with a message that names the bad value."""
         get_arm(self.arm)
         if not 0.0 <= self.p < 1.0:
             raise ValueError(f"perturb.p={self.p} must be in [0, 1)")
+        if not 0.0 <= self.p_train < 1.0:
+            raise ValueError(f"perturb.p_train={self.p_train} must be in [0, 1)")
         for s in self.sites:
             if s not in SITES:
                 raise ValueError(f"perturb.sites contains unknown site {s!r}; choose from {SITES}")
@@ -69,6 +77,13 @@ class PerturbConfig:
     @property
     def active(self) -> bool:
         return self.is_dropout or (self.arm_entry.thought is not None and self.noise_scale > 0)
+
+    def for_training(self) -> "PerturbConfig | None":
+        """The masks supervised phases train under: one frozen feature mask per sequence at this config's
+        sites and scope, rate ``p_train`` (None when ``p_train`` is 0)."""
+        if self.p_train <= 0:
+            return None
+        return PerturbConfig(arm="dropout_shared", p=self.p_train, sites=list(self.sites), scope=self.scope)
 
 
 _NO_OVERRIDE = object()
@@ -190,26 +205,31 @@ class Perturber:
         keep = hash_uniform(seeds, keys, dim) >= self.cfg.p
         return keep.to(dtype) / (1.0 - self.cfg.p)
 
-    def begin_pass(self, step: Tensor, n_cols: int, answer_from: int | None, dim: int, device, dtype) -> None:
+    def begin_pass(self, step: Tensor, n_cols: int, answer_from: int | Tensor | None, dim: int, device,
+                   dtype) -> None:
         """Prepare the factors of one forward pass over ``n_cols`` columns.
 
         ``step`` [N] is each row's latent step for this pass (constant within a pass by construction
-        of the latent LM). ``answer_from`` is the first column of the pass that belongs to the answer
-        (None: none does); with scope ``latent`` the answer columns are left unperturbed.
+        of the latent LM). ``answer_from`` is the first column of the pass that belongs to the answer,
+        relative to the pass (None: none does; an [N] tensor: one per row); with scope ``latent`` the answer
+        columns are left unperturbed.
         """
         self._factors = {}
         if not self.enabled or not self.cfg.is_dropout:
             return
-        if answer_from is not None and answer_from <= 0 and self.cfg.scope == "latent":
+        latent_scope = answer_from is not None and self.cfg.scope == "latent"
+        per_row = isinstance(answer_from, Tensor)
+        if latent_scope and not per_row and answer_from <= 0:
             return  # the whole pass is answer: off
         for site in self.cfg.sites:
             if site not in ("attn", "mlp", "embed"):
                 continue
             for layer in range(self.n_layers if site != "embed" else 1):
                 m = self.mask(site, layer, step, dim, device, dtype)[:, None, :]  # [N, 1, D]
-                if answer_from is not None and answer_from < n_cols and self.cfg.scope == "latent":
-                    on = (torch.arange(n_cols, device=device) < answer_from)[None, :, None]
-                    m = torch.where(on, m, torch.ones((), device=device, dtype=dtype))
+                if latent_scope and (per_row or answer_from < n_cols):
+                    cols = torch.arange(n_cols, device=device)
+                    on = (cols[None, :] < answer_from.to(device)[:, None]) if per_row else (cols < answer_from)[None, :]
+                    m = torch.where(on[:, :, None], m, torch.ones((), device=device, dtype=dtype))
                 self._factors[(site, layer)] = m
 
     def embed(self, x: Tensor) -> Tensor:

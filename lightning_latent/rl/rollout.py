@@ -20,6 +20,11 @@ from .loss import group_stats, sequence_logprobs, token_entropy
 from .rewards import RewardFn, answer_key, extract_answer
 
 
+#: ``rollout_seed``'s ``k`` for the mask a supervised sequence trains under (``perturb.p_train``); a step's
+#: rollouts use k = 0 .. K-1, so a training mask is never a rollout's.
+TRAINING_MASK_K = -1
+
+
 def rollout_seed(base_seed: int, iteration: int, record_key: int, k: int) -> int:
     """A 63-bit seed, a pure function of (run seed, iteration, the prompt's global position, k).
 
