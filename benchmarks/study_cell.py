@@ -1,23 +1,24 @@
 """Where a study seed's time goes, and two commits side by side on the same cells.
 
-    python benchmarks/study_cell.py --start CKPT [--old REF] [--new REF] [--budget plateau] [--arm ARM]
-        [--parts start,cells] [--out DIR] [--jobs 1]
+    python benchmarks/study_cell.py --start CKPT [--old REF] [--new REF] [--budget plateau] [--arms ARM ...]
+        [--parts start,cells] [--out DIR] [--jobs 1] [--new-jobs N] [--eval-batch-size N]
 
 For each commit (``--old``, default the commit before issue 21; ``--new``, default the working tree) it runs,
 as a subprocess of that commit's own code (a git worktree, ``PYTHONPATH`` pointing at it):
 
-* ``cells``: the study's cells of one seed with one arm, through the study's own entry point
-  (``Study.run`` with ``seeds=1``, ``arms=(ARM,)``, no diversity curve): the start's test cell, the arm's
-  RL cell and its test cell, from the checkpoint ``--start`` (the study's start cell is pre-filled with it);
+* ``cells``: the study's cells of one seed with the given arms (default one, ``dropout_shared``), through the
+  study's own entry point (``Study.run`` with ``seeds=1``, no diversity curve): the start's test cell, each
+  arm's RL cell and test cell, from the checkpoint ``--start`` (the study's start cell is pre-filled with it);
 * ``start``: a fixed slice of a start, ``experiments/run.py fit --config <budget's start config>
   --trainer.max_steps 500`` (its first 500 steps, its plateau evaluations and checkpoint writes).
 
 Every Python process of a run is profiled by part (``benchmarks/cell_profiler.py``, loaded through
 ``benchmarks/cell_profile/sitecustomize.py``: process start, imports, model build, checkpoint reads and
 writes, data, rollouts, replay + loss + backward, reference, optimiser, validation, phase-end
-evaluations, test greedy and sampled decoding, other). The seed figure adds to the one-arm run's
-measured cells what a 7-arm seed repeats: 6 more (RL + test) pairs at the measured arm's cost, less what a
-seed computes once (the start's validation), (``seed_seconds``). ``identical`` is true when both commits' cells give the same numbers: the RL cell's
+evaluations, test greedy and sampled decoding, other). The seed figure (``--jobs 1`` only) adds to the
+measured cells what a 7-arm seed repeats: the missing (RL + test) pairs at the first arm's cost, less what a
+seed computes once (the start's validation) (``seed_seconds``). ``--new-jobs`` runs the new side at another
+``--jobs`` (1 thread per job: its numbers may differ from ``--jobs 1``'s, which the comparison then shows). ``identical`` is true when both commits' cells give the same numbers: the RL cell's
 validation and reward curves, its start validation, the chosen checkpoint's step and weights (bit for
 bit), and the test cells' per-problem correctness, pass@1, sampled pass@1, pass@k and maj@k; for the
 start slice, its final weights and plateau evaluations.
@@ -115,10 +116,10 @@ def run_cells_side(a: argparse.Namespace) -> None:
     study_mod = importlib.import_module("lightning_latent.experiments.study" if new_layout else "lightning_latent.study")
     assert Path(study_mod.__file__).resolve().is_relative_to(Path.cwd().resolve()), study_mod.__file__
     budget = dataclasses.replace(study_mod.BUDGETS[a.budget], coconut_args=["--model.schedule", START_SCHEDULE])
-    if a.eval_batch_size:
-        budget = dataclasses.replace(budget, eval_batch_size=a.eval_batch_size)
+    if a.eval_batch_size:  # --data.eval_batch_size in every cell (a study option tried in issue 21: slower)
+        budget = dataclasses.replace(budget, common=[*budget.common, "--data.eval_batch_size", str(a.eval_batch_size)])
     kw = {"jobs": a.jobs} if "jobs" in study_mod.Study.__init__.__code__.co_varnames else {}
-    st = study_mod.Study(a.side_out / "out", seeds=1, arms=(a.arm,), budget=budget, diversity=False,
+    st = study_mod.Study(a.side_out / "out", seeds=1, arms=tuple(a.arms), budget=budget, diversity=False,
                          work=a.side_out / "work", **kw)
     (st.cells / "coconut_s0.json").write_text(json.dumps({"ckpt": str(a.start), "seconds": None}))
     times: dict[str, float] = {}
@@ -141,8 +142,9 @@ def side_cells(src: Path, out: Path, a: argparse.Namespace) -> dict:
     prof = out / "profile_cells"
     prof.mkdir(parents=True, exist_ok=True)
     env = side_env(src, prof, a.threads)
+    jobs = a.new_jobs if (a.new_jobs and out.name == "new") else a.jobs
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side-cells", "--side-out", str(out), "--start",
-           str(a.start), "--budget", a.budget, "--arm", a.arm, "--jobs", str(a.jobs), "--threads", str(a.threads)]
+           str(a.start), "--budget", a.budget, "--arms", *a.arms, "--jobs", str(jobs), "--threads", str(a.threads)]
     if a.eval_batch_size and out.name == "new":
         cmd += ["--eval-batch-size", str(a.eval_batch_size)]
     t = time.perf_counter()
@@ -233,15 +235,19 @@ def main() -> None:
     ap.add_argument("--old", default=OLD_DEFAULT, help="the commit to compare against (git ref)")
     ap.add_argument("--new", default=None, help="the new commit (git ref; default: this working tree)")
     ap.add_argument("--budget", default="plateau")
-    ap.add_argument("--arm", default="dropout_shared")
+    ap.add_argument("--arms", nargs="+", default=["dropout_shared"],
+                    help="the arms of the seed (the first is the one whose cost the seed figure repeats)")
     ap.add_argument("--parts", default="start,cells")
     ap.add_argument("--start-steps", type=int, default=500)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--new-jobs", type=int, default=None,
+                    help="the new side's --jobs (default: --jobs); more than 1 sets 1 thread per job, so the numbers "
+                         "may differ from --jobs 1 (float rounding depends on the thread count)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per process (OMP_NUM_THREADS)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--sides", default="old,new", help="which sides to run (old, new or both)")
     ap.add_argument("--eval-batch-size", type=int, default=None,
-                    help="the new side's study option --eval-batch-size (off by default: it may change a number)")
+                    help="the new side's cells evaluate in batches of this many problems (default: the configs' 64)")
     ap.add_argument("--side-cells", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -255,7 +261,8 @@ def main() -> None:
     if a.start is not None:
         a.start = a.start.resolve()
     start_config = "plateau.yaml"
-    result: dict = {"budget": a.budget, "arm": a.arm, "jobs": a.jobs, "new_eval_batch_size": a.eval_batch_size,
+    result: dict = {"budget": a.budget, "arms": a.arms, "jobs": a.jobs, "new_jobs": a.new_jobs or a.jobs,
+                    "new_eval_batch_size": a.eval_batch_size,
                     **cpu_facts(a.threads), "sides": {}}
     refs = {"old": a.old, "new": a.new}
     for side in a.sides.split(","):
@@ -265,11 +272,15 @@ def main() -> None:
         if "cells" in a.parts:
             r["cells"] = side_cells(src, d, a)
             c = r["cells"]["cells"]
-            per_arm = c.get(f"train_arm:{a.arm}", 0.0) + c.get(f"evaluate:{a.arm}", 0.0)
+            arm = a.arms[0]
+            per_arm = c.get(f"train_arm:{arm}", 0.0) + c.get(f"evaluate:{arm}", 0.0)
             once = d / "work" / "cells" / "val_start_latent_s0.json"  # once per seed, inside the first train_arm
             if once.exists():
                 per_arm -= json.loads(once.read_text()).get("seconds") or 0.0
-            r["cells"]["seed_seconds"] = round(r["cells"]["wall_seconds"] + (SEED_ARMS - 1) * per_arm, 1)
+            jobs = a.new_jobs if (a.new_jobs and side == "new") else a.jobs
+            r["jobs"] = jobs
+            if jobs == 1:  # (with parallel cells the cells' own times do not add up to a wall time)
+                r["cells"]["seed_seconds"] = round(r["cells"]["wall_seconds"] + (SEED_ARMS - len(a.arms)) * per_arm, 1)
         if "start" in a.parts:
             r["start"] = side_start(src, d, a, start_config)
         result["sides"][side] = r
@@ -283,7 +294,8 @@ def main() -> None:
             result["cells_differences"] = diffs
             identical &= all(v == [] for v in diffs.values())
             result["cells_speedup"] = round(so["cells"]["wall_seconds"] / sn["cells"]["wall_seconds"], 2)
-            result["seed_cells_speedup"] = round(so["cells"]["seed_seconds"] / sn["cells"]["seed_seconds"], 2)
+            if "seed_seconds" in so["cells"] and "seed_seconds" in sn["cells"]:
+                result["seed_cells_speedup"] = round(so["cells"]["seed_seconds"] / sn["cells"]["seed_seconds"], 2)
         if "start" in a.parts:
             diffs = compare_start(out / "old", out / "new")
             result["start_differences"] = diffs

@@ -15,7 +15,6 @@ processes, one after another (no process start and imports per cell); --fresh-pr
 process per cell instead (the same numbers).
 """
 import argparse
-import dataclasses
 import logging
 
 from lightning_latent.helptext import description_first
@@ -33,18 +32,13 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--budget", default="default", choices=sorted(BUDGETS))
     ap.add_argument("--no-diversity", action="store_true", help="skip the diversity curve")
-    ap.add_argument("--eval-batch-size", type=int, default=None,
-                    help="problems per evaluation batch (default: the configs' 64); faster, but at more than one "
-                         "thread per job a different batch shape may change a number: an option, off by default")
     ap.add_argument("--fresh-processes", action="store_true",
                     help="one `experiments/run.py` process per cell instead of long-lived workers (same numbers)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
     ap.add_argument("--diversity-from", metavar="CKPT", help="only measure the diversity curve from this checkpoint")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    budget = BUDGETS[a.budget] if a.eval_batch_size is None else \
-        dataclasses.replace(BUDGETS[a.budget], eval_batch_size=a.eval_batch_size)
-    study = Study(a.out, seeds=a.seeds, arms=tuple(a.arms), budget=budget, diversity=not a.no_diversity,
+    study = Study(a.out, seeds=a.seeds, arms=tuple(a.arms), budget=a.budget, diversity=not a.no_diversity,
                   work=a.work, jobs=a.jobs, in_process=not a.fresh_processes)
     if a.diversity_from:
         study.run_diversity(a.diversity_from)

@@ -12,7 +12,7 @@ import json
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_latent.answers import answer_key, answers_equal, extract_answer, normalize_answer
@@ -20,6 +20,7 @@ from lightning_latent.data.records import Record, parse_gsm8k
 from lightning_latent.rl.rewards import exact_match_reward
 
 from conftest import GSM8K  # the first 100 rows of GSM8K's test split (tests/fixtures/gsm8k/README.md)
+from strategies import PROP, numbers, pieces  # (tests/strategies.py: shared with the other property tests)
 
 
 def _with_dollar_and_commas(answer: str) -> str:
@@ -150,19 +151,9 @@ def test_answers_equal() -> None:
 # Property tests
 # --------------------------------------------------------------------------------------------------
 
-_numbers = st.one_of(
-    st.integers(min_value=-(10**40), max_value=10**40).map(str),
-    st.integers(min_value=-(10**12), max_value=10**12).map(lambda n: f"{n:,}"),
-    st.floats(allow_nan=True, allow_infinity=True).map(str),
-    st.decimals(allow_nan=False, allow_infinity=False).map(str),
-)
-_texty = st.one_of(st.text(), _numbers, st.sampled_from(["", " ", "####", "||", "<<", ">>", "\n", "$", ","]))
-_pieces = st.lists(_texty, max_size=8).map("".join)
-_PROP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-
-@_PROP
-@given(text=st.one_of(_pieces, _numbers, st.text()))
+@PROP
+@given(text=st.one_of(pieces, numbers, st.text()))
 def test_property_normalize_answer(text):
     out = normalize_answer(text)
     assert isinstance(out, str)

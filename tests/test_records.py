@@ -4,7 +4,7 @@ Property tests: a parser returns a Record or raises BadRow, nothing else."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from lightning_latent.data.records import (
@@ -16,6 +16,7 @@ from lightning_latent.data.records import (
     parse_gsm8k_aug,
     raise_or_count,
 )
+from strategies import PROP, numbers, pieces  # (tests/strategies.py: shared with the other property tests)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,24 +128,9 @@ def test_parse_coconut_json_example():
 # Property tests: parsers return a Record or raise BadRow, nothing else
 
 
-_numbers = st.one_of(
-    st.integers(min_value=-(10**40), max_value=10**40).map(str),
-    st.integers(min_value=-(10**12), max_value=10**12).map(lambda n: f"{n:,}"),
-    st.floats(allow_nan=True, allow_infinity=True).map(str),
-    st.decimals(allow_nan=False, allow_infinity=False).map(str),
-)
+_values = st.one_of(st.none(), st.integers(), st.floats(), pieces, st.lists(pieces, max_size=4), st.text())
 
 
-_texty = st.one_of(st.text(), _numbers, st.sampled_from(["", " ", "####", "||", "<<", ">>", "\n", "$", ","]))
-
-
-_pieces = st.lists(_texty, max_size=8).map("".join)
-
-
-_values = st.one_of(st.none(), st.integers(), st.floats(), _pieces, st.lists(_pieces, max_size=4), st.text())
-
-
-_PROP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _ok(record) -> None:
@@ -163,8 +149,8 @@ def _check(fn, arg) -> None:
         _ok(rec)
 
 
-@_PROP
-@given(q=_values, steps=st.lists(_pieces, max_size=4), ans=_numbers, tail=_pieces, cut=st.integers(0, 200),
+@PROP
+@given(q=_values, steps=st.lists(pieces, max_size=4), ans=numbers, tail=pieces, cut=st.integers(0, 200),
        extra=st.dictionaries(st.sampled_from(["question", "answer"]), _values, max_size=2))
 def test_property_parse_gsm8k(q, steps, ans, tail, cut, extra):
     answer = "\n".join(steps) + "\n#### " + ans + tail
@@ -180,8 +166,8 @@ def test_property_parse_gsm8k(q, steps, ans, tail, cut, extra):
             float(r.answer)
 
 
-@_PROP
-@given(q=_pieces, eqs=st.lists(_pieces, max_size=4), ans=_numbers, cut=st.integers(0, 200), junk=_pieces)
+@PROP
+@given(q=pieces, eqs=st.lists(pieces, max_size=4), ans=numbers, cut=st.integers(0, 200), junk=pieces)
 def test_property_parse_gsm8k_aug(q, eqs, ans, cut, junk):
     line = q + "||" + " ".join(f"<<{e}>>" for e in eqs) + " #### " + ans
     _check(parse_gsm8k_aug, line)
@@ -190,7 +176,7 @@ def test_property_parse_gsm8k_aug(q, eqs, ans, cut, junk):
     _check(parse_gsm8k_aug, None)
 
 
-@_PROP
+@PROP
 @given(q=_values, steps=_values, ans=_values,
        row=st.dictionaries(st.sampled_from(["question", "steps", "answer", "x"]), _values, max_size=4))
 def test_property_parse_coconut_json(q, steps, ans, row):

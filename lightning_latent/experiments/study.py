@@ -66,9 +66,6 @@ class Budget:
     start_val_limit: bool = True
     # Validation pass@1 reported at these GRPO step counts (learning speed; multiples of val_interval)
     curve_steps: tuple[int, ...] = ()
-    # Problems per evaluation batch in every cell (None: the configs' 64). An option, off by default: at
-    # 2 threads a different batch shape changes float rounding, so it may change a number (docs/performance.md).
-    eval_batch_size: int | None = None
 
 
 BUDGETS = {
@@ -197,9 +194,7 @@ class Study:
             self._n_workers = 0
 
     def _seed_args(self, seed: int) -> list[str]:
-        b = self.budget
-        ebs = ["--data.eval_batch_size", str(b.eval_batch_size)] if b.eval_batch_size else []
-        return ["--seed_everything", str(seed), "--data.seed", str(seed), *b.common, *ebs]
+        return ["--seed_everything", str(seed), "--data.seed", str(seed), *self.budget.common]
 
     def coconut(self, seed: int) -> str:
         cell = f"coconut_s{seed}"
