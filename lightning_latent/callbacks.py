@@ -111,7 +111,7 @@ class PhaseSummary(L.Callback):
     """
 
     def __init__(self, splits: tuple[str, ...] = ("validation", "test"), evaluate_start: bool = True,
-                 phase_checkpoints: bool = True):
+                 phase_checkpoints: bool = True, pair_validation: bool = False):
         """
         Args:
             splits: the splits evaluated at each phase end (and at the start); none: rows without pass@1
@@ -119,11 +119,16 @@ class PhaseSummary(L.Callback):
             evaluate_start: evaluate the starting weights of a run that starts from ``init_from``.
             phase_checkpoints: save ``checkpoints/phase-<name>.ckpt`` at every phase end (a later run can
                 start from it).
+            pair_validation: a grpo or sft phase's validation row also gets its paired difference against
+                the phase before it (``val_paired_*``; test rows of grpo phases always do): the converged check
+                of a start (``sft_continue`` at the floor's lr gains at most a point on the same problems).
         """
         for split in splits:
             if split not in ("validation", "test"):
                 raise ValueError(f"summary.splits: {split!r} is not a split; choose from validation, test")
         self.splits, self.evaluate_start, self.phase_checkpoints = tuple(splits), evaluate_start, phase_checkpoints
+        self.pair_validation = pair_validation
+        self._last_val: dict[int, bool] = {}
         self.rows: list[dict] = []
         # This rank's per-problem test correctness of the last evaluated phase: an RL phase is compared
         # with the checkpoint it started from on the same problems (paired), not by two intervals.
@@ -134,11 +139,12 @@ class PhaseSummary(L.Callback):
     # The rows of phases finished before a resume travel in the checkpoint.
     def state_dict(self) -> dict:
         return {"rows": self.rows, "elapsed": time.perf_counter() - self._t0,
-                "last_test": sorted(self._last_test.items())}
+                "last_test": sorted(self._last_test.items()), "last_val": sorted(self._last_val.items())}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state.get("rows", []))
         self._last_test = {int(k): bool(v) for k, v in state.get("last_test", [])}
+        self._last_val = {int(k): bool(v) for k, v in state.get("last_val", [])}
         self._elapsed_before = float(state.get("elapsed", 0.0))
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -194,6 +200,10 @@ class PhaseSummary(L.Callback):
                 if stage_seg.kind == "grpo" and self._last_test:
                     row.update(paired_row(self._last_test, per_problem, pl_module.device))
                 self._last_test = per_problem
+            elif self.pair_validation:
+                if stage_seg.kind in ("grpo", "sft") and self._last_val and name != "start":
+                    row.update(paired_row(self._last_val, per_problem, pl_module.device, "val"))
+                self._last_val = per_problem
             if bar is not None:
                 bar.eval_end(f"pass@1 {p:.3f} (n={n})", p if key == "val" else None, pl_module.step_count)
             if name == "start":  # self.log() is refused in on_fit_start: write to the loggers directly
@@ -237,16 +247,16 @@ class PhaseSummary(L.Callback):
         print("\n".join(lines), flush=True)
 
 
-def paired_row(before: dict[int, bool], after: dict[int, bool], device) -> dict:
-    """The paired test difference of a phase against the checkpoint it started from: summed over ranks
-    (each holds its share of the problems), mean and 95% t-interval of the per-problem differences."""
+def paired_row(before: dict[int, bool], after: dict[int, bool], device, key: str = "test") -> dict:
+    """The paired difference (on split ``key``) of a phase against the checkpoint it started from: summed
+    over ranks (each holds its share of the problems), mean and 95% t-interval of the per-problem differences."""
     n, s, ss = paired_sums(before, after)
     t = all_sum(torch.tensor([float(n), s, ss], dtype=torch.float64, device=device))
     n = int(t[0])
     if n == 0:
         return {}
     diff, half = mean_and_ci95_from_sums(n, float(t[1]), float(t[2]))
-    return {"test_paired_diff": diff, "test_paired_ci95": half, "test_paired_n": n}
+    return {f"{key}_paired_diff": diff, f"{key}_paired_ci95": half, f"{key}_paired_n": n}
 
 
 def phase_checks(rows: list[dict]) -> list[dict]:

@@ -70,3 +70,11 @@ def test_measuring_the_matmul_throughput_leaves_the_global_rng_alone():
     torch.manual_seed(3)
     matmul_gflops(seconds=0.01)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_paired_row_names_its_split():
+    from lightning_latent.callbacks import paired_row
+
+    row = paired_row({0: True, 1: False, 2: False}, {0: True, 1: True, 2: False}, "cpu", "val")
+    assert set(row) == {"val_paired_diff", "val_paired_ci95", "val_paired_n"}
+    assert row["val_paired_n"] == 3 and row["val_paired_diff"] == pytest.approx(1 / 3)

@@ -66,6 +66,10 @@ class Budget:
     start_val_limit: bool = True
     # Validation pass@1 reported at these GRPO step counts (learning speed; multiples of val_interval)
     curve_steps: tuple[int, ...] = ()
+    # The converged check of every start (issue 22): sft_continue from it for grpo_steps at this learning rate
+    # (the start's decayed floor) may gain at most ``converged_gain`` on the validation problems. None: no check.
+    converged_lr: float | None = None
+    converged_gain: float = 0.01
 
 
 BUDGETS = {
@@ -208,13 +212,13 @@ class Study:
         ckpt = vdir / "checkpoints" / "last.ckpt"
         return self._finish(cell, {"ckpt": str(ckpt), "seconds": None})["ckpt"]
 
-    def _arm_args(self, seed: int, arm: str, start: str, steps: int) -> list[str]:
+    def _arm_args(self, seed: int, arm: str, start: str, steps: int, sft_lr: float = 1.0e-4) -> list[str]:
         """``fit`` of ``arm`` from ``start`` for ``steps`` steps, with the budget's validation."""
         b = self.budget
         args = ["fit", "--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm}.yaml"),
                 *self._seed_args(seed), "--model.init_from", start, "--data.val_limit", str(b.val_limit)]
         spec = get_arm(arm)
-        extra = {"batch_size": 32, "lr": 1.0e-4} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
+        extra = {"batch_size": 32, "lr": sft_lr} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
         if spec.start == "cot":  # the CoT model, at stage 0 with the CoT prompt layout
             extra["stages"] = [0]
         return args + ["--model.schedule", json.dumps([{"kind": spec.phase, "steps": steps, "name": arm, **extra}])]
@@ -242,6 +246,29 @@ class Study:
         row = next(r for r in json.loads((vdir / "summary.json").read_text())["phases"] if r["phase"] == "start")
         return self._finish(cell, {"val_pass@1": row["val_pass@1"], "val_n": row["val_n"], "start": start,
                                    "seconds": round(time.perf_counter() - t, 1)})["val_pass@1"]
+
+    def converged(self, seed: int, start: str) -> dict:
+        """The converged check of a start (issue 22): ``sft_continue`` from it for the RL budget's steps at the
+        budget's ``converged_lr`` (the start's decayed floor), its final weights (no best-of selection) against
+        the start on the same validation problems, paired. Converged: a mean gain of at most ``converged_gain``."""
+        b = self.budget
+        cell = f"converged_s{seed}"
+        done = self._done(cell)
+        if done:
+            return done
+        t = time.perf_counter()
+        args = [*self._arm_args(seed, "sft_continue", start, b.grpo_steps, sft_lr=b.converged_lr),
+                "--summary.splits", '["validation"]', "--summary.pair_validation", "true",
+                "--summary.phase_checkpoints", "false", "--checkpoint.save_last", "false",
+                "--checkpoint.every_n_train_steps", "null", "--trainer.limit_val_batches", "0"]
+        vdir = self._run(args, "converged", f"seed{seed}", cell)
+        rows = {r["phase"]: r for r in json.loads((vdir / "summary.json").read_text())["phases"]}
+        end = rows["sft_continue"]
+        gain, half = end["val_paired_diff"], end["val_paired_ci95"]
+        return self._finish(cell, {"start_val": rows["start"]["val_pass@1"], "end_val": end["val_pass@1"],
+                                   "val_n": end["val_paired_n"], "gain": gain, "gain_ci95": half,
+                                   "lr": b.converged_lr, "steps": b.grpo_steps, "converged": gain <= b.converged_gain,
+                                   "seconds": round(time.perf_counter() - t, 1)})
 
     def train_arm(self, seed: int, arm: str, start: str) -> dict:
         cell = f"train_{arm}_s{seed}"
@@ -296,6 +323,8 @@ class Study:
             with ThreadPoolExecutor(self.jobs) as pool:
                 starts = dict(zip(range(self.seeds), pool.map(self.coconut, range(self.seeds))))
                 chains = [pool.submit(self.evaluate, s, "coconut", starts[s], None) for s in range(self.seeds)]
+                if self.budget.converged_lr is not None:
+                    chains += [pool.submit(self.converged, s, starts[s]) for s in range(self.seeds)]
                 chains += [pool.submit(self._arm_chain, s, arm, starts[s]) for s in range(self.seeds)
                            for arm in self.arms]
                 for c in chains:

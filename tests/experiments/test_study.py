@@ -228,3 +228,27 @@ def test_cells_in_workers_give_the_numbers_of_one_process_per_cell(tmp_path):
     vdir = b._run(args, "old_way", "seed0", "old_way")
     row = next(r for r in json.loads((vdir / "summary.json").read_text())["phases"] if r["phase"] == "start")
     assert row["val_pass@1"] == json.loads((a.cells / "val_start_latent_s0.json").read_text())["val_pass@1"]
+
+
+def test_the_converged_check_pairs_sft_continue_at_the_floor_lr_with_its_start(tmp_path):
+    """Issue 22's converged check: ``sft_continue`` from the start for the RL budget's steps at the budget's
+    floor lr, its final weights against the start on the same validation problems. The cell's start
+    validation is the once-per-seed one, the gain is the paired mean (end minus start on the same n), and
+    "converged" is a gain of at most ``converged_gain``."""
+    from dataclasses import replace
+
+    from lightning_latent.experiments.study import BUDGETS, Study
+
+    b = replace(BUDGETS["tiny"], converged_lr=3.0e-2, converged_gain=0.01)
+    st = Study(tmp_path / "out", seeds=1, arms=("none",), budget=b, work=tmp_path / "work", diversity=False)
+    st.run()
+    c = json.loads((st.cells / "converged_s0.json").read_text())
+    assert c["start_val"] == json.loads((st.cells / "val_start_latent_s0.json").read_text())["val_pass@1"]
+    assert c["val_n"] == 8 and c["lr"] == 3.0e-2 and c["steps"] == b.grpo_steps
+    assert c["gain"] == pytest.approx(c["end_val"] - c["start_val"], abs=1e-9)
+    assert c["converged"] == (c["gain"] <= 0.01)
+    # the tiny model at a tiny lr: the same answers, a gain of exactly 0, converged
+    st2 = Study(tmp_path / "out2", seeds=1, arms=(), budget=replace(b, converged_lr=1.0e-12),
+                work=tmp_path / "work2", diversity=False)
+    c2 = st2.converged(0, json.loads((st.cells / "coconut_s0.json").read_text())["ckpt"])
+    assert c2["gain"] == 0.0 and c2["converged"] and c2["start_val"] == c["start_val"]
