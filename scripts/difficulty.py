@@ -1,7 +1,7 @@
 """The synthetic task's difficulty for the paper's-setting study (issue 22): a few probes, each a converged start.
 
     python scripts/difficulty.py --work DIR [--out docs/results/difficulty] [--probes p4_20 p4_40 p5_20]
-        [--report-only]
+        [--threads N] [--report-only]
 
 Each probe trains one start with ``experiments/configs/synthetic/converged.yaml`` (dropout-trained at
 ``perturb.p_train``, plateau rule on 2,000 validation problems, linear decay of the lr at the end of the CoT
@@ -40,10 +40,12 @@ PROBES: dict[str, tuple[dict, int]] = {
 
 
 def schedule(stages: int) -> list[dict]:
-    """converged.yaml's schedule for a task of ``stages`` steps: CoT, stages 1..n-1, the fully latent stage."""
+    """converged.yaml's schedule for a task of ``stages`` steps: CoT to its plateau then decayed; stages
+    1..n-1 at a fixed 1,000 steps each (they only carry the model from CoT to thoughts, as Coconut's fixed
+    epochs per stage do); the fully latent stage to its plateau, then decayed: the model the RL arms start from."""
     decay = {"floor": 1.0e-5}
     return [{"kind": "cot", "steps": 5000, "plateau": RULE, "decay": {"steps": 1000, **decay}},
-            {"kind": "coconut", "steps": 4000, "stages": list(range(1, stages)), "plateau": RULE},
+            {"kind": "coconut", "steps": 1000, "stages": list(range(1, stages))},
             {"kind": "coconut", "steps": 8000, "stages": [stages], "name": "coconut_final", "plateau": RULE,
              "decay": {"steps": 1500, **decay}}]
 
@@ -55,7 +57,7 @@ def log(work: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
-def run_probe(name: str, work: Path) -> Path:
+def run_probe(name: str, work: Path, threads: int) -> Path:
     task, stages = PROBES[name]
     vdir = work / "tb" / name / "v0"
     if (vdir / "summary.json").exists():
@@ -71,11 +73,11 @@ def run_probe(name: str, work: Path) -> Path:
         args += ["--ckpt_path", str(last)]
         log(work, f"{name}: resuming from {last}")
     else:
-        log(work, f"{name}: starting ({task}, {stages} latent stages)")
+        log(work, f"{name}: starting ({task}, {stages} latent stages, {threads} torch threads)")
     t = time.perf_counter()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
     with open(work / f"{name}.log", "a") as out:
-        rc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, cwd=work,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"}).returncode
+        rc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env).returncode
     if rc != 0:
         raise SystemExit(f"{name} failed (exit {rc}); see {work / f'{name}.log'}")
     log(work, f"{name}: finished this attempt in {time.perf_counter() - t:.0f} s")
@@ -124,12 +126,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="runs and checkpoints (outside the repository)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "difficulty")
     ap.add_argument("--probes", nargs="+", default=list(PROBES), choices=list(PROBES))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per probe (OMP_NUM_THREADS)")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         for name in a.probes:
-            run_probe(name, a.work)
+            run_probe(name, a.work, a.threads)
             report(a.work, a.out)
     for r in report(a.work, a.out):
         print(json.dumps(r))
