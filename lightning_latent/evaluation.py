@@ -31,11 +31,12 @@ EVAL_SEED_OFFSET = 7919
 class EvalConfig:
     """Evaluation: greedy pass@1 with the perturbation off, plus pass@k / maj@k over ``k`` perturbed,
     sampled rollouts when ``k > 1``. ``perturb`` fixes the sampler of those k rollouts (None: the run's
-    own), so that arms can be compared under one evaluation sampler."""
+    own), so that arms can be compared under one evaluation sampler; ``temperature`` None with ``perturb``
+    None samples each arm under its own training noise (its masks and its rollout answer temperature)."""
 
     max_new_tokens: int = 48
     k: int = 0
-    temperature: float = 1.0
+    temperature: float | None = 1.0
     perturb: PerturbConfig | None = None
 
     def __post_init__(self) -> None:
@@ -45,8 +46,8 @@ class EvalConfig:
             raise ValueError(f"evaluation.max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.k < 0:
             raise ValueError(f"evaluation.k={self.k} must be >= 0 (0 or 1: greedy pass@1 only)")
-        if self.temperature < 0:
-            raise ValueError(f"evaluation.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"evaluation.temperature={self.temperature} must be >= 0 (0 = greedy; null: the arm's own)")
 
 
 class Evaluator:

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -95,6 +96,8 @@ class LatentReasoner(L.LightningModule):
         self.train_perturber = Perturber(self.model.lm, train_masks) if train_masks is not None else None
         eval_perturber = Perturber(self.model.lm, self.eval_cfg.perturb) if self.eval_cfg.perturb else self.perturber
         self.reward_fn = get_reward(self.grpo_cfg.reward)
+        if self.eval_cfg.temperature is None:  # the k samples under the arm's own answer noise
+            self.eval_cfg = replace(self.eval_cfg, temperature=self.rollout_temperature)
         self.evaluator = Evaluator(self.model, self.layout, self.tokenizer, self.eval_cfg, eval_perturber,
                                    self.reward_fn, seed)
         self.reference: Reference | None = None  # the frozen GRPO reference (not a submodule)

@@ -24,30 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_latent.experiments.tasks import TASKS, start_args
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "experiments" / "configs" / "synthetic" / "converged.yaml"
-RULE = {"every": 250, "patience": 3, "min_gain": 0.01, "min_steps": 2000}
-
-#: name -> (task settings, latent stages). The embedded task (3 steps, numbers to 20, values to 60) gave
-#: 58-87% fully latent after a constant-lr plateau run and about 20 points more with more training
-#: (docs/results/ablation_2026-12-01_unconverged_start/): too easy. More steps and a wider value range make
-#: the latent model carry more in its thoughts.
-PROBES: dict[str, tuple[dict, int]] = {
-    "p4_20": ({"min_steps": 4, "max_steps": 4, "max_number": 20, "max_value": 60, "operators": "+-*"}, 4),
-    "p4_40": ({"min_steps": 4, "max_steps": 4, "max_number": 40, "max_value": 99, "operators": "+-*"}, 4),
-    "p5_20": ({"min_steps": 5, "max_steps": 5, "max_number": 20, "max_value": 60, "operators": "+-*"}, 5),
-}
-
-
-def schedule(stages: int) -> list[dict]:
-    """converged.yaml's schedule for a task of ``stages`` steps: CoT to its plateau then decayed; stages
-    1..n-1 at a fixed 1,000 steps each (they only carry the model from CoT to thoughts, as Coconut's fixed
-    epochs per stage do); the fully latent stage to its plateau, then decayed: the model the RL arms start from."""
-    decay = {"floor": 1.0e-5}
-    return [{"kind": "cot", "steps": 5000, "plateau": RULE, "decay": {"steps": 1000, **decay}},
-            {"kind": "coconut", "steps": 1000, "stages": list(range(1, stages))},
-            {"kind": "coconut", "steps": 8000, "stages": [stages], "name": "coconut_final", "plateau": RULE,
-             "decay": {"steps": 1500, **decay}}]
+PROBES = ("p4_20", "p4_40", "p5_20")  # lightning_latent/experiments/tasks.py: TASKS
 
 
 def log(work: Path, msg: str) -> None:
@@ -58,13 +39,13 @@ def log(work: Path, msg: str) -> None:
 
 
 def run_probe(name: str, work: Path, threads: int) -> Path:
-    task, stages = PROBES[name]
+    task, stages = TASKS[name].synthetic(), TASKS[name].stages
     vdir = work / "tb" / name / "v0"
     if (vdir / "summary.json").exists():
         return vdir
-    args = [sys.executable, str(REPO / "experiments" / "run.py"), "fit", "--config", str(CONFIG),
-            "--data.synthetic", json.dumps({"seed": 0, **task}), "--model.curriculum.max_latent_stage", str(stages),
-            "--model.schedule", json.dumps(schedule(stages)), "--trainer.logger.init_args.save_dir", str(work / "tb"),
+    # the study's start at seed 0 (Study.coconut with a converged_<task> budget): the same run
+    args = [sys.executable, str(REPO / "experiments" / "run.py"), "fit", "--config", str(CONFIG), *start_args(name),
+            "--trainer.logger.init_args.save_dir", str(work / "tb"),
             "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "v0",
             "--trainer.enable_progress_bar", "false", "--seed_everything", "0", "--data.seed", "0"]
     last = vdir / "checkpoints" / "last.ckpt"
@@ -86,7 +67,8 @@ def run_probe(name: str, work: Path, threads: int) -> Path:
 
 def report(work: Path, out: Path) -> list[dict]:
     rows = []
-    for name, (task, stages) in PROBES.items():
+    for name in PROBES:
+        task, stages = TASKS[name].synthetic(), TASKS[name].stages
         vdir = work / "tb" / name / "v0"
         if not (vdir / "summary.json").exists():
             continue

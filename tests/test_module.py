@@ -162,3 +162,19 @@ def test_rollouts_replays_and_references_apply_only_the_arms_masks():
         assert torch.equal(x, y)
     tokens, logp, replay, _, mask = outs[1]
     assert ((replay - logp).abs() * mask).max() <= 1e-5  # the replay gap: the arm's masks rebuilt exactly
+
+
+@pytest.mark.parametrize("arm, answer_t, expected", [("dropout_greedy", 1.0, 0.0), ("none", 0.7, 0.0),
+                                                      ("temperature", 0.7, 0.7), ("dropout_shared", 1.0, 1.0)])
+def test_evaluation_samples_under_the_arms_own_noise_when_asked(arm, answer_t, expected):
+    """``evaluation.temperature`` null with ``evaluation.perturb`` null: the k evaluation samples use the
+    arm's rollout temperature (greedy for the greedy arms) and the arm's own perturber (issue 22's pass@8)."""
+    from lightning_latent.model.perturb import PerturbConfig
+
+    m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), perturb=PerturbConfig(arm=arm, p=0.1),
+                       grpo=GRPOConfig(answer_temperature=answer_t), evaluation=EvalConfig(k=4, temperature=None))
+    assert m.evaluator.cfg.temperature == expected == m.rollout_temperature
+    assert m.evaluator.perturber is m.perturber
+    fixed = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2), perturb=PerturbConfig(arm=arm, p=0.1),
+                           evaluation=EvalConfig(k=4, perturb={"arm": "dropout_shared", "p": 0.3}))
+    assert fixed.evaluator.cfg.temperature == 1.0 and fixed.evaluator.perturber is not fixed.perturber

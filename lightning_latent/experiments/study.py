@@ -39,6 +39,7 @@ from ..model.arms import get_arm, study_arms
 from .cell_worker import CellWorker
 from .processes import REPO_ROOT, RUN_SCRIPT, run_process, shell_line
 from .reporting import scalars, write_csv
+from .tasks import FLOOR_LR, TASKS, start_args, task_args
 
 log = logging.getLogger("lightning_latent.experiments.study")
 
@@ -70,6 +71,28 @@ class Budget:
     # (the start's decayed floor) may gain at most ``converged_gain`` on the validation problems. None: no check.
     converged_lr: float | None = None
     converged_gain: float = 0.01
+    # pass@k / maj@k of an arm's test cell sampled under the arm's own training noise (its masks and answer
+    # temperature: issue 22) instead of one shared sampler (eval_p); the start's test cell keeps the latter.
+    own_noise: bool = False
+    # Per-arm arguments of its train and test cells (e.g. a dropout arm's rollout p from its grid).
+    arm_args: dict[str, list[str]] = field(default_factory=dict)
+
+
+def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) -> Budget:
+    """Issue 22's study on task ``task`` (experiments/tasks.py). The start is converged.yaml's, trained under
+    feature masks at ``p_train`` (plateau rule on 2,000 validation problems, lr decayed to the floor;
+    scripts/difficulty.py ran seed 0's at p_train 0.1 as the task's probe); every start gets the converged
+    check at the floor's lr (``sft_continue`` keeps training under the start's masks); the dropout arms roll
+    out at ``rollout_p`` (until their grid picks); 300 GRPO steps with validation on 2,000 problems every 25
+    (the last study's 100 steps ended 13 of 25 cells on their last checkpoint); 5,000 test problems;
+    pass@8 under each arm's own noise."""
+    common = [*task_args(task), "--model.perturb.p_train", str(p_train)]
+    dropout_arms = [a for a in ARMS if get_arm(a).dropout]
+    return Budget(grpo_steps=300, val_interval=25, val_limit=2000, test_limit=5000, start_config="converged.yaml",
+                  start_val_limit=False, curve_steps=(25, 50, 100, 200, 300),
+                  coconut_args=start_args(task)[len(task_args(task)):], common=common,
+                  converged_lr=FLOOR_LR, own_noise=True,
+                  arm_args={a: ["--model.perturb.p", str(rollout_p)] for a in dropout_arms})
 
 
 BUDGETS = {
@@ -82,6 +105,11 @@ BUDGETS = {
     # (the learning-speed table), 5,000 test problems.
     "plateau": Budget(grpo_steps=100, val_interval=10, val_limit=2000, test_limit=5000, start_config="plateau.yaml",
                       start_val_limit=False, curve_steps=(10, 20, 50, 100)),
+    # Issue 22: converged_<task> (p_train 0.1) and converged_<task>_pt<p> (the p_train choice and the
+    # p_train = 0 comparison: the dropout arms roll out at p_train, or at 0.1 from a p_train = 0 start).
+    **{f"converged_{t}": converged_budget(t) for t in TASKS if t != "p3_20"},
+    **{f"converged_{t}_pt{p:g}": converged_budget(t, p, p or 0.1) for t in TASKS if t != "p3_20"
+       for p in (0.0, 0.05, 0.2)},
     "tiny": Budget(grpo_steps=2, val_interval=1, val_limit=8, test_limit=8, k=2, diversity_prompts=4, diversity_grid="small",
                    curve_steps=(1, 2),
                    # the start's own phase-end test (1,000 problems) is not used: its test cell scores it
@@ -221,7 +249,8 @@ class Study:
         extra = {"batch_size": 32, "lr": sft_lr} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
         if spec.start == "cot":  # the CoT model, at stage 0 with the CoT prompt layout
             extra["stages"] = [0]
-        return args + ["--model.schedule", json.dumps([{"kind": spec.phase, "steps": steps, "name": arm, **extra}])]
+        return args + [*b.arm_args.get(arm, []),
+                       "--model.schedule", json.dumps([{"kind": spec.phase, "steps": steps, "name": arm, **extra}])]
 
     def start_val(self, seed: int, arm: str, start: str) -> float:
         """Validation greedy pass@1 of ``arm``'s start, what every arm reports at step 0. Evaluated once per
@@ -303,8 +332,14 @@ class Study:
         cfgs = ["--config", str(CONFIGS / b.start_config)] if arm_cfg is None else \
             ["--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm_cfg}.yaml")]
         args = ["test", *cfgs, *self._seed_args(seed), "--ckpt_path", ckpt, "--data.test_limit", str(b.test_limit),
-                "--model.evaluation.k", str(b.k), "--model.evaluation.temperature", "1.0",
-                "--model.evaluation.perturb", json.dumps({"arm": "dropout_shared", "p": b.eval_p})]
+                "--model.evaluation.k", str(b.k)]
+        if arm_cfg is not None:
+            args += b.arm_args.get(arm_cfg, [])
+        if b.own_noise and arm_cfg is not None:  # the arm's masks (evaluation.perturb null) and its temperature
+            args += ["--model.evaluation.temperature", "null", "--model.evaluation.perturb", "null"]
+        else:
+            args += ["--model.evaluation.temperature", "1.0",
+                     "--model.evaluation.perturb", json.dumps({"arm": "dropout_shared", "p": b.eval_p})]
         if arm_cfg is None:
             args += b.coconut_args
         t = time.perf_counter()

@@ -252,3 +252,42 @@ def test_the_converged_check_pairs_sft_continue_at_the_floor_lr_with_its_start(t
                 work=tmp_path / "work2", diversity=False)
     c2 = st2.converged(0, json.loads((st.cells / "coconut_s0.json").read_text())["ckpt"])
     assert c2["gain"] == 0.0 and c2["converged"] and c2["start_val"] == c["start_val"]
+
+
+def test_a_converged_budget_starts_from_the_probes_run_and_passes_each_arm_its_noise(tmp_path, monkeypatch):
+    """The converged_<task> budgets (issue 22): seed 0's start is scripts/difficulty.py's probe of the task
+    (the same arguments after converged.yaml), every cell gets the task and p_train, the dropout arms their
+    rollout p, and an arm's test cell samples under its own noise (the start's under the shared sampler)."""
+    from lightning_latent.experiments.study import BUDGETS, Study
+    from lightning_latent.experiments.tasks import start_args
+
+    b = BUDGETS["converged_p4_20"]
+    st = Study(tmp_path / "out", seeds=1, budget="converged_p4_20", work=tmp_path / "work")
+    seen: list[list[str]] = []
+    monkeypatch.setattr(Study, "_run", lambda self, args, name, version, cell, resumable=False: seen.append(args))
+    try:
+        st.coconut(0)
+    except Exception:  # (no run happened: there is no summary to read)
+        pass
+    args = seen[-1]
+    assert args[:3] == ["fit", "--config", str(ROOT / "experiments" / "configs" / "synthetic" / "converged.yaml")]
+    opts = dict(zip(args[3::2], args[4::2]))
+    probe = dict(zip(start_args("p4_20")[::2], start_args("p4_20")[1::2]))
+    assert all(opts[k] == v for k, v in probe.items()) and opts["--model.perturb.p_train"] == "0.1"
+    assert opts["--seed_everything"] == "0" == opts["--data.seed"] and "--data.val_limit" not in opts
+    assert json.loads(opts["--data.synthetic"])["max_steps"] == 4 and opts["--model.curriculum.max_latent_stage"] == "4"
+    train = dict(zip(*[iter(st._arm_args(0, "dropout_greedy", "S.ckpt", 3)[3:])] * 2))
+    assert train["--model.perturb.p"] == "0.1" and train["--model.perturb.p_train"] == "0.1"
+    assert "--model.perturb.p" not in dict(zip(*[iter(st._arm_args(0, "temperature", "S.ckpt", 3)[3:])] * 2))
+    for arm, own in (("dropout_greedy", True), (None, False)):
+        seen.clear()
+        try:
+            st.evaluate(0, arm or "coconut", "S.ckpt", arm)
+        except Exception:
+            pass
+        opts = dict(zip(seen[-1][1::2], seen[-1][2::2]))
+        assert (opts["--model.evaluation.perturb"] == "null") == own and opts["--model.evaluation.k"] == "8"
+        assert (opts["--model.evaluation.temperature"] == "null") == own
+    assert BUDGETS["converged_p4_20_pt0"].arm_args["dropout_shared"] == ["--model.perturb.p", "0.1"]
+    assert BUDGETS["converged_p4_20_pt0.2"].arm_args["dropout_shared"] == ["--model.perturb.p", "0.2"]
+    assert b.converged_lr == 1.0e-5 and b.own_noise and b.val_limit == 2000 and b.test_limit == 5000

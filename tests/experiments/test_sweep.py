@@ -142,6 +142,36 @@ def test_grid_sweep_visits_each_point_once_and_stops(tmp_path, monkeypatch):
     assert study.best_value == 0.2 and all(t.state == TrialState.COMPLETE for t in study.trials)
 
 
+def test_a_recipe_chosen_on_its_mean_over_the_arms(tmp_path, monkeypatch):
+    """objective.mean_over (issue 22's shared recipe): a grid over lr x arm; the lr with the best mean over
+    the arms is chosen, not the single best trial, and summary.md names it. By hand: lr 1e-4 has the best
+    trial (0.9) but a mean of 0.5; lr 5e-5 has the best mean (0.7)."""
+    from lightning_latent.experiments.sweep.driver import Worker
+    from lightning_latent.experiments.sweep.results import best_by_mean_over, trials_frame, write_results
+
+    space = ("space={model.optim.grpo_lr: {type: categorical, choices: [5.0e-5, 1.0e-4]}, "
+             "model.perturb.arm: {type: categorical, choices: [temperature, dropout_greedy]}}")
+    sets = ["sampler={type: grid, seed: 0}", "rollouts_per_step=null", space, "pruner={type: nop}"]
+    with pytest.raises(ValueError, match="mean_over='model.grpo.beta' must name a categorical"):
+        load_sweep_config(TINY, sets=[*sets, "objective={mean_over: model.grpo.beta}"])
+    cfg = load_sweep_config(TINY, sets=[*sets, "objective={mean_over: model.perturb.arm}"])
+    worker = Worker(cfg, sqlite_url(tmp_path), "recipe", tmp_path, Launch(devices=1), heartbeat_interval=None)
+    value = {(5.0e-5, "temperature"): 0.6, (5.0e-5, "dropout_greedy"): 0.8,
+             (1.0e-4, "temperature"): 0.9, (1.0e-4, "dropout_greedy"): 0.1}
+
+    def fake_fit(trial, params):
+        worker.study.tell(trial, value[params["model.optim.grpo_lr"], params["model.perturb.arm"]])
+        return TrialState.COMPLETE
+    monkeypatch.setattr(worker, "_run_and_tell", fake_fit)
+    worker.run(n_trials=10)
+    study = load(sqlite_url(tmp_path), "recipe")
+    rows, best = best_by_mean_over(trials_frame(study), "model.perturb.arm")
+    assert best["model.optim.grpo_lr"] == 5.0e-5 and best["mean"] == pytest.approx(0.7)
+    assert [r["mean"] for r in rows] == pytest.approx([0.7, 0.5]) and study.best_value == 0.9
+    text = write_results(study, cfg, tmp_path / "out", sqlite_url(tmp_path), plots=False)["summary.md"].read_text()
+    assert "Chosen: `model.optim.grpo_lr` = 5e-05 (mean 0.7000)" in text
+
+
 def test_reporter_only_in_trials():
     assert callbacks_from_env({}) == []
     cbs = callbacks_from_env({"LL_OPTUNA_STORAGE": "sqlite:///x.db", "LL_OPTUNA_STUDY": "s", "LL_OPTUNA_TRIAL": "3",

@@ -44,6 +44,32 @@ def trials_frame(study: optuna.Study):
     return df
 
 
+def best_by_mean_over(df, over: str, direction: str = "maximize") -> tuple[list[dict], dict | None]:
+    """Each setting of the parameters other than ``over``, with its value for every value of ``over`` and
+    their mean (COMPLETE trials; a setting is chosen only if it has a value for all of them), and the best
+    such setting: e.g. one GRPO recipe for several arms, chosen on its mean over the arms (issue 22)."""
+    col = f"params_{over}"
+    done = df[df["state"] == "COMPLETE"] if len(df) else df
+    if not len(done) or col not in done.columns:
+        return [], None
+    levels = sorted(done[col].astype(str).unique())
+    others = [c for c in done.columns if c.startswith("params_") and c != col]
+    rows: dict[tuple, dict] = {}
+    for _, r in done.iterrows():
+        key = tuple(str(r[c]) for c in others)
+        row = rows.setdefault(key, {**{c[7:]: r[c] for c in others}, "values": {}})
+        row["values"][str(r[col])] = float(r["value"])
+    out = []
+    for row in rows.values():
+        vals = row["values"]
+        complete = all(v in vals for v in levels)
+        out.append({**row, "mean": sum(vals.values()) / len(vals), "complete": complete})
+    sign = 1 if direction == "maximize" else -1
+    chosen = [r for r in out if r["complete"]]
+    best = max(chosen, key=lambda r: sign * r["mean"]) if chosen else None
+    return sorted(out, key=lambda r: -sign * r["mean"]), best
+
+
 def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storage_url: str,
                   plots: bool = True) -> dict[str, Path]:
     """``trials.csv``, ``summary.md`` and PNG plots under ``out``."""
@@ -88,6 +114,17 @@ def write_results(study: optuna.Study, cfg: SweepConfig, out: str | Path, storag
                       markdown_table(["parameter", "importance"], [[k, v] for k, v in importances.items()]), ""]
     else:
         lines += ["No trial completed yet.", ""]
+    over = cfg.objective.get("mean_over")
+    if over:
+        settings, best = best_by_mean_over(df, over, cfg.direction)
+        levels = sorted({k for r in settings for k in r["values"]})
+        names = [k for k in (settings[0] if settings else {}) if k not in ("values", "mean", "complete")]
+        lines += [f"## Chosen on the mean over `{over}`", "",
+                  "Chosen: " + (", ".join(f"`{k}` = {best[k]}" for k in names) + f" (mean {best['mean']:.4f})"
+                                if best else "none yet (no setting has a value for every one of them)"), "",
+                  markdown_table([*names, *levels, "mean", "all"],
+                                 [[r[k] for k in names] + [r["values"].get(v, "") for v in levels]
+                                  + [r["mean"], "yes" if r["complete"] else "no"] for r in settings]), ""]
     cols = [c for c in ("number", "state", "value", "duration_s", "last_step") if c in df.columns]
     pcols = [c for c in df.columns if c.startswith("params_")]
     if len(df):

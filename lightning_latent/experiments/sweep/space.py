@@ -12,7 +12,7 @@ Example (``sweeps/dropout_grpo.yaml``)::
       model.grpo.group_size: {type: categorical, choices: [4, 8, 16]}
       model.grpo.beta: {type: float, low: 1.0e-4, high: 0.1, log: true}
     rollouts_per_step: constant        # prompts x K fixed when K is searched; an int; or null (off)
-    objective: {metric: val/pass@1, direction: maximize, reduce: last}
+    objective: {metric: val/pass@1, direction: maximize, reduce: last, mean_over: null}
     sampler: {type: tpe, seed: 0, n_startup_trials: 5}   # or random; or grid (categorical space only)
     pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 0}
 
@@ -81,6 +81,10 @@ class SweepConfig:
         if self.objective.get("reduce", "last") not in ("last", "best", "mean"):
             raise ValueError("sweep objective.reduce must be 'last' (value at the end of the fit), 'best' or "
                              "'mean' (mean over the validations: the area under the learning curve)")
+        over = self.objective.get("mean_over")
+        if over is not None and self.space.get(over, {}).get("type") != "categorical":
+            raise ValueError(f"sweep objective.mean_over={over!r} must name a categorical parameter of the space "
+                             "(the setting of the others is chosen on its mean over that parameter's values)")
         if self.pruner.get("type", "median") not in _PRUNERS:
             raise ValueError(f"sweep pruner.type={self.pruner.get('type')!r} must be one of {_PRUNERS}")
         kind = self.sampler_kind
