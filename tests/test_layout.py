@@ -210,3 +210,23 @@ def test_sft_loss_by_hand_on_one_row_of_three():
     other = logits.clone()
     other[0, 2] = -5.0
     assert sft_loss(other, labels2).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_layout_encodes_each_text_once_and_bounds_what_it_keeps(word_tokenizer, monkeypatch):
+    """An evaluation encodes the same problems again at every validation and for each of its k samples: the
+    layout keeps what it encoded (the same ids as the tokenizer's, a fresh list each time, so a caller
+    may change it), at most ENCODE_CACHE_SIZE texts. A prompt encodes only the question."""
+    lay = Layout(word_tokenizer, CurriculumConfig(c_thought=1, max_latent_stage=3))
+    calls = []
+    encode = word_tokenizer.encode
+    monkeypatch.setattr(word_tokenizer, "encode", lambda text, **kw: calls.append(text) or encode(text, **kw))
+    first = lay.prompt(REC, 3)
+    assert calls == ["Tom has 3 apples.\n"]
+    first.append(-1)  # the caller's own list
+    assert lay.prompt(REC, 3) == lay.prompt(REC, 3) == first[:-1] and len(calls) == 1
+    ex = lay.train_example(REC, 1)
+    assert len(calls) == 1 + 3 + 1  # the steps and the answer, once each
+    assert lay.train_example(REC, 1) == ex and len(calls) == 5
+    monkeypatch.setattr(Layout, "ENCODE_CACHE_SIZE", 5)
+    lay.prompt(Record(question="Ann has 2 pens.", steps=(), answer="2", idx=8), 0)  # full: emptied, then kept
+    assert len(lay._encoded) == 1 and len(calls) == 6

@@ -85,8 +85,19 @@ class Layout:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
+    #: Encoded texts kept per layout (a plain dict, emptied when full: picklable, bounded). A study's
+    #: evaluations encode the same 2,000-5,000 problems again at every validation and for each of the k
+    #: samples; the tokenizer call (~70 us) was about a tenth of a sampled evaluation (docs/performance.md).
+    ENCODE_CACHE_SIZE = 1 << 16
+
     def _enc(self, text: str, special: bool = False) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=special)
+        cache = self.__dict__.setdefault("_encoded", {})
+        ids = cache.get((text, special))
+        if ids is None:
+            if len(cache) >= self.ENCODE_CACHE_SIZE:
+                cache.clear()
+            ids = cache[text, special] = tuple(self.tok.encode(text, add_special_tokens=special))
+        return list(ids)
 
     def pieces(self, rec: Record) -> tuple[list[int], list[list[int]], list[int]]:
         q = self._enc(rec.question + "\n", special=True)
@@ -129,10 +140,10 @@ class Layout:
 
     def prompt(self, rec: Record, stage: int, cot: bool = False) -> list[int]:
         """The generation prompt at ``stage``: question + markers + latent slots (eval rule)."""
-        q, steps, _ = self.pieces(rec)
+        q = self._enc(rec.question + "\n", special=True)  # (the steps count, their text is not needed)
         if not self.markers(cot):
             return q
-        _, n_lat = self.n_latent(len(steps), stage, for_eval=True)
+        _, n_lat = self.n_latent(len(rec.steps), stage, for_eval=True)
         return q + [self.start_id] + [self.latent_id] * n_lat + [self.end_id]
 
 

@@ -90,7 +90,7 @@ def rollout(
     """B records -> B*K rollouts with per-row perturbations, in one batch. ``cot``: the prompt layout of
     the CoT phase (no latent markers), for GRPO on a CoT model."""
     k = group_size
-    prompts = [layout.prompt(r, stage, cot) for r in records for _ in range(k)]
+    prompts = [p for r in records for p in [layout.prompt(r, stage, cot)] * k]  # (read only: one list k times)
     pb = collate_prompts(prompts, layout.pad_id)
     dev = next(model.parameters()).device
     ids, am = pb["input_ids"].to(dev), pb["attention_mask"].to(dev)
