@@ -1,8 +1,8 @@
 """The LightningModule: one schedule of phases (CoT, the latent curriculum, GRPO), as glue.
 
 Each job lives in its own module and this file calls it: where the run is (:mod:`.schedule`), the
-optimiser's per-segment settings and guarded step (:mod:`.optim`), a supervised batch and its loss
-(:mod:`.data.layout`), rollouts (:mod:`.rl.rollout`), the GRPO update (:mod:`.rl.update`), the frozen
+optimiser's per-segment settings and guarded step (:mod:`.optim`), a supervised step's loss
+(:mod:`.supervised`), rollouts (:mod:`.rl.rollout`), the GRPO update (:mod:`.rl.update`), the frozen
 reference (:mod:`.rl.reference`), the guards (:mod:`.guards`), answering (:mod:`.evaluation`).
 Optimisation is manual because a GRPO step makes ``mu`` optimiser steps on one rollout batch
 (docs/design.md#ddp). A GRPO step flows one way: rollouts -> :func:`~.rl.update.grpo_update` (which
@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 
 import lightning as L
 import torch
 
 from .config_types import coerce
-from .data.layout import IGNORE, CurriculumConfig, sft_loss, train_batch
+from .data.layout import CurriculumConfig
 from .data.records import Record
 from .data.sources import SKIPS
 from .data.synthetic import DEFAULT_SYNTHETIC, SyntheticConfig
@@ -32,9 +31,10 @@ from .model.perturb import PerturbConfig, Perturber
 from .optim import GuardedOptimizer, NonFiniteStop, OptimConfig, enter_segment
 from .rl.reference import Reference
 from .rl.rewards import get_reward
-from .rl.rollout import TRAINING_MASK_K, rollout, rollout_seed, rollout_stats
+from .rl.rollout import rollout, rollout_seed, rollout_stats
 from .rl.update import GRPOConfig, grpo_update
 from .schedule import Phase, PlateauWatch, Schedule, Segment, default_schedule, flatten
+from .supervised import supervised_loss
 
 log = logging.getLogger("lightning_latent")
 
@@ -191,16 +191,8 @@ class LatentReasoner(L.LightningModule):
 
     def _sft_step(self, records: list[Record], seg: Segment, optimizer: GuardedOptimizer) -> None:
         rng = random.Random(f"{self.seed}/{self.step_count}/{self.global_rank}")
-        b = train_batch(self.layout, records, seg.stage, seg.cot_layout, rng, SKIPS, f"step {self.step_count}")
-        b = {k: v.to(self.device) for k, v in b.items()}
-        self.model.train()
-        pert, masked = self.train_perturber, {}
-        if pert is not None:  # one mask per sequence on its head (scope latent: up to its first labelled column)
-            masked = {"perturber": pert, "answer_from": (b["labels"] != IGNORE).int().argmax(1)}
-        with pert.rows(torch.tensor([rollout_seed(self.seed, self.step_count, int(i), TRAINING_MASK_K)
-                                     for i in b["idx"]])) if pert is not None else nullcontext():
-            out = self.model(b["input_ids"], b["attention_mask"], b["position_ids"], **masked)
-        loss = sft_loss(out.logits, b["labels"])
+        loss = supervised_loss(self.model, self.layout, records, seg.stage, seg.cot_layout, rng, self.device,
+                               self.train_perturber, self.seed, self.step_count, SKIPS)
         optimizer.zero_grad()
         self.manual_backward(loss)
         stepped, grad_norm = optimizer.step(loss.detach())
