@@ -58,8 +58,11 @@ class StudyReport:
         k = self.budget.k
         lines = ["# Ablation results (synthetic task)", "",
                  f"Seeds: {self.seeds}; test problems per evaluation: {results[0]['n_eval'] if results else 0}; "
-                 f"GRPO steps per arm: {self.budget.grpo_steps}; pass@{k} / maj@{k} under one evaluation sampler "
-                 f"(dropout_shared p={self.budget.eval_p}, T=1). Intervals: 95% t-intervals over seeds.", ""]
+                 f"GRPO steps per arm: {self.budget.grpo_steps}; pass@{k} / maj@{k} "
+                 + ("under each arm's own training noise (its masks and answer temperature; the start's under "
+                    f"dropout_shared p={self.budget.eval_p}, T=1)" if self.budget.own_noise else
+                    f"under one evaluation sampler (dropout_shared p={self.budget.eval_p}, T=1)")
+                 + ". Intervals: 95% t-intervals over seeds.", ""]
         rows = []
         for arm in ("coconut_start", *self.arms):
             rs = [r for r in results if r["arm"] == arm]
@@ -70,6 +73,16 @@ class StudyReport:
             rows.append([arm, len(rs), *cells, f"{sum(fz) / len(fz):.2f}" if fz else "-"])
         lines += [markdown_table(["arm", "seeds", "pass@1 (greedy, unperturbed)", "sampled pass@1", f"maj@{k}",
                                   f"pass@{k}", "frac_zero_std (train)"], rows)]
+        checks = [(s, self._done(f"converged_s{s}")) for s in range(self.seeds)]
+        if any(c for _, c in checks):
+            lines += ["", "## Converged check of each start", "",
+                      f"`sft_continue` from the start for {self.budget.grpo_steps} steps at lr {self.budget.converged_lr:g}, "
+                      f"its final weights against the start on the same validation problems (paired, points); "
+                      f"converged: a gain of at most {100 * self.budget.converged_gain:g} point(s).", ""]
+            lines += [markdown_table(["seed", "start val", "after", "gain ± 95%", "n", "converged"],
+                                     [[s, f"{100 * c['start_val']:.1f}", f"{100 * c['end_val']:.1f}",
+                                       f"{100 * c['gain']:+.2f} ± {100 * c['gain_ci95']:.2f}", c["val_n"],
+                                       "yes" if c["converged"] else "**no**"] for s, c in checks if c])]
         speed = self.learning_speed()
         if speed:
             steps = self.budget.curve_steps

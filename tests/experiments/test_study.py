@@ -247,6 +247,9 @@ def test_the_converged_check_pairs_sft_continue_at_the_floor_lr_with_its_start(t
     assert c["val_n"] == 8 and c["lr"] == 3.0e-2 and c["steps"] == b.grpo_steps
     assert c["gain"] == pytest.approx(c["end_val"] - c["start_val"], abs=1e-9)
     assert c["converged"] == (c["gain"] <= 0.01)
+    md = (st.out / "results.md").read_text()
+    assert "## Converged check of each start" in md
+    assert f"| 0 | {100 * c['start_val']:.1f} | {100 * c['end_val']:.1f} | {100 * c['gain']:+.2f} ± " in md
     # the tiny model at a tiny lr: the same answers, a gain of exactly 0, converged
     st2 = Study(tmp_path / "out2", seeds=1, arms=(), budget=replace(b, converged_lr=1.0e-12),
                 work=tmp_path / "work2", diversity=False)
@@ -291,3 +294,28 @@ def test_a_converged_budget_starts_from_the_probes_run_and_passes_each_arm_its_n
     assert BUDGETS["converged_p4_20_pt0"].arm_args["dropout_shared"] == ["--model.perturb.p", "0.1"]
     assert BUDGETS["converged_p4_20_pt0.2"].arm_args["dropout_shared"] == ["--model.perturb.p", "0.2"]
     assert b.converged_lr == 1.0e-5 and b.own_noise and b.val_limit == 2000 and b.test_limit == 5000
+
+
+def test_an_arms_test_cell_samples_under_its_own_noise(tmp_path):
+    """Budget.own_noise and Budget.arm_args on the tiny budget: the arm's train and test cells get its rollout
+    p, and its test cell samples pass@k with the arm's own perturber and temperature (null on the command
+    line: resolved by the module to the arm's rollout temperature, here greedy)."""
+    from dataclasses import replace
+
+    import yaml
+
+    from lightning_latent.experiments.study import BUDGETS, Study
+
+    b = replace(BUDGETS["tiny"], own_noise=True, arm_args={"dropout_greedy": ["--model.perturb.p", "0.3"]})
+    st = Study(tmp_path / "out", seeds=1, arms=("dropout_greedy",), budget=b, work=tmp_path / "work", diversity=False)
+    st.run()
+    cell = json.loads((st.cells / "test_dropout_greedy_s0.json").read_text())
+    assert cell["n_eval"] == 8 and "pass@2" in cell and "sampled_pass@1" in cell
+    for run in ("dropout_greedy", "test_dropout_greedy"):
+        cfg = yaml.safe_load((st.tb / run / "seed0" / "config.yaml").read_text())
+        assert cfg["model"]["perturb"]["p"] == 0.3 and cfg["model"]["perturb"]["arm"] == "dropout_greedy"
+    ev = yaml.safe_load((st.tb / "test_dropout_greedy" / "seed0" / "config.yaml").read_text())["model"]["evaluation"]
+    assert ev["temperature"] is None and ev["perturb"] is None
+    start = yaml.safe_load((st.tb / "test_coconut" / "seed0" / "config.yaml").read_text())["model"]["evaluation"]
+    assert start["temperature"] == 1.0 and start["perturb"]["arm"] == "dropout_shared"
+    assert "under each arm's own training noise" in (st.out / "results.md").read_text()
