@@ -70,6 +70,42 @@ class EnvironmentRecord(L.Callback):
                 json.dump(environment_record(), f, indent=2)
 
 
+class ComputeMeter(L.Callback):
+    """Logs what each training step cost on this rank: ``perf/forward_positions`` (positions the
+    transformer ran, policy and reference, every pass: rollouts, replays, checkpointed recomputation,
+    a supervised forward), ``perf/optimizer_steps`` (optimiser steps taken: ``mu`` per GRPO step unless
+    skipped) and ``perf/rollouts`` (GRPO: prompts x K). The study sums them per arm (its compute table)."""
+
+    def __init__(self) -> None:
+        self._steps, self._hooks, self._before = 0, [], (0, 0)
+
+    @staticmethod
+    def _positions(pl_module) -> int:
+        ref = getattr(pl_module, "reference", None)
+        return pl_module.model.positions_run + (ref.model.positions_run if ref is not None else 0)
+
+    def _count(self, *args) -> None:
+        self._steps += 1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._hooks = [opt.register_step_post_hook(self._count) for opt in trainer.optimizers]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._before = (self._positions(pl_module), self._steps, pl_module.segment.kind == "grpo")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        positions, steps, grpo = self._before
+        pl_module.log("perf/forward_positions", float(self._positions(pl_module) - positions))
+        pl_module.log("perf/optimizer_steps", float(self._steps - steps))
+        if grpo:
+            pl_module.log("perf/rollouts", float(len(batch) * pl_module.grpo_cfg.group_size))
+
+
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` for this project's manual optimisation: every ``every_n_train_steps`` it saves
     the state AFTER the step, which is what resuming needs (the step counter and the weights agree).

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from . import quiet
-from .callbacks import EnvironmentRecord, PhaseSummary, StepCheckpoint
+from .callbacks import ComputeMeter, EnvironmentRecord, PhaseSummary, StepCheckpoint
 from .data.datamodule import LatentDataModule
 from .helptext import description_first
 from .experiments.hparams import HParamsSummary
@@ -87,7 +87,8 @@ class LatentCLI(LightningCLI):
         # Optuna reporter / pruner.
         summary = next(c for c in callbacks if isinstance(c, PhaseSummary))
         callbacks = [c for c in callbacks if not isinstance(c, PhaseSummary)]
-        return super()._instantiate_trainer(config, [*callbacks, EnvironmentRecord(), summary, HParamsSummary(),
+        return super()._instantiate_trainer(config, [*callbacks, EnvironmentRecord(), ComputeMeter(), summary,
+                                                     HParamsSummary(),
                                                      *sweep_callbacks_from_env()])
 
     def after_predict(self) -> None:

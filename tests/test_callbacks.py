@@ -78,3 +78,44 @@ def test_paired_row_names_its_split():
     row = paired_row({0: True, 1: False, 2: False}, {0: True, 1: True, 2: False}, "cpu", "val")
     assert set(row) == {"val_paired_diff", "val_paired_ci95", "val_paired_n"}
     assert row["val_paired_n"] == 3 and row["val_paired_diff"] == pytest.approx(1 / 3)
+
+
+def test_compute_meter_logs_what_each_step_spent(tmp_path):
+    """ComputeMeter: a CoT step runs one pass over its padded batch and takes one optimiser step; a GRPO step
+    (prompts x K rollouts, mu = 2 inner iterations, a reference) takes mu steps and runs the rollouts, the
+    replays and the reference; the positions are the model's (and reference's) own counters, by hand."""
+    import lightning as L
+
+    from lightning_latent.callbacks import ComputeMeter
+    from lightning_latent.data.layout import train_batch
+
+    from conftest import tiny_trainer
+    from test_module import tiny_data, tiny_module
+    from lightning_latent.schedule import Phase
+
+    m = tiny_module([Phase("cot", steps=1), Phase("grpo", steps=1)])
+    m.grpo_cfg.mu = 2
+    logged, seen = [], {}
+    log = m.log
+
+    def recording_log(name, value, *args, **kwargs):
+        if name.startswith("perf/") and name != "perf/rollouts_per_s" and name != "perf/rollout_share":
+            logged.append((m.step_count, name, float(value)))
+        return log(name, value, *args, **kwargs)
+
+    m.log = recording_log
+
+    class Batches(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[pl_module.step_count] = list(batch)
+
+    tiny_trainer(tmp_path, callbacks=[Batches(), ComputeMeter()]).fit(m, datamodule=tiny_data())
+    import random
+
+    b = train_batch(m.layout, seen[0], 0, True, random.Random("0/0/0"))
+    cot = {n: v for s, n, v in logged if s == 1}
+    assert cot == {"perf/forward_positions": float(b["input_ids"].numel()), "perf/optimizer_steps": 1.0}
+    grpo = {n: v for s, n, v in logged if s == 2}
+    assert grpo["perf/optimizer_steps"] == 2.0 and grpo["perf/rollouts"] == len(seen[1]) * m.grpo_cfg.group_size
+    assert grpo["perf/forward_positions"] > 3 * cot["perf/forward_positions"] / 4  # rollouts + 2 replays + ref
+    assert m.reference.model.positions_run > 0

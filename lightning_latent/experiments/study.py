@@ -45,6 +45,8 @@ log = logging.getLogger("lightning_latent.experiments.study")
 
 ARMS = study_arms()  # the arm registry (model/arms.py), in its order
 CONFIGS = REPO_ROOT / "experiments" / "configs" / "synthetic"
+#: What an arm's training cell spent, summed over its steps (callbacks.ComputeMeter, per rank).
+COMPUTE = ("perf/rollouts", "perf/forward_positions", "perf/optimizer_steps")
 
 @dataclass
 class Budget:
@@ -316,12 +318,14 @@ class Study:
         vdir = self._run(args, arm, f"seed{seed}", cell)
         best = vdir / "checkpoints" / "best.ckpt"
         curves = read_curves(vdir, ("grpo/frac_zero_std", "grpo/reward_mean", "grpo/frac_all_correct",
-                                    "grpo/frac_all_wrong", "grpo/frac_mixed", "val/pass@1"))
+                                    "grpo/frac_all_wrong", "grpo/frac_mixed", "val/pass@1", *COMPUTE))
         fz = curves.get("grpo/frac_zero_std", [])
+        seconds = round(time.perf_counter() - t, 1)
+        compute = {k.split("/")[1]: sum(v for _, v in curves.pop(k, [])) for k in COMPUTE}  # (the sums only)
         return self._finish(cell, {"ckpt": str(best if best.exists() else vdir / "checkpoints" / "last.ckpt"),
                                    "frac_zero_std": sum(v for _, v in fz) / len(fz) if fz else float("nan"),
-                                   "start_val": start_val, "curves": curves,
-                                   "seconds": round(time.perf_counter() - t, 1)})
+                                   "start_val": start_val, "curves": curves, "compute": {**compute, "seconds": seconds},
+                                   "seconds": seconds})
 
     def evaluate(self, seed: int, tag: str, ckpt: str, arm_cfg: str | None) -> dict:
         cell = f"test_{tag}_s{seed}"

@@ -83,6 +83,18 @@ class StudyReport:
                                      [[s, f"{100 * c['start_val']:.1f}", f"{100 * c['end_val']:.1f}",
                                        f"{100 * c['gain']:+.2f} ± {100 * c['gain_ci95']:.2f}", c["val_n"],
                                        "yes" if c["converged"] else "**no**"] for s, c in checks if c])]
+        compute = {arm: [tr["compute"] for s in range(self.seeds)
+                         if (tr := self._done(f"train_{arm}_s{s}")) and "compute" in tr] for arm in self.arms}
+        if any(compute.values()):
+            lines += ["", "## Compute per arm (one training cell, mean over seeds)", "",
+                      "Rollouts generated, transformer positions run (rollouts, replays, reference, recomputation; "
+                      "padding included), optimiser steps taken, and the cell's wall seconds (its validations "
+                      "included).", ""]
+            mean = lambda cs, k: sum(c[k] for c in cs) / len(cs)  # noqa: E731
+            lines += [markdown_table(["arm", "seeds", "rollouts", "forward positions (M)", "optimiser steps", "seconds"],
+                                     [[arm, len(cs), f"{mean(cs, 'rollouts'):.0f}",
+                                       f"{mean(cs, 'forward_positions') / 1e6:.1f}", f"{mean(cs, 'optimizer_steps'):.0f}",
+                                       f"{mean(cs, 'seconds'):.0f}"] for arm, cs in compute.items() if cs])]
         speed = self.learning_speed()
         if speed:
             steps = self.budget.curve_steps

@@ -98,6 +98,9 @@ class LatentLM(nn.Module):
         # ``forward(**kwargs)`` swallows it and the model silently runs WITHOUT the cache.
         params = inspect.signature(self.base.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # Positions (rows x new columns, padding included) the base model has run, every pass counted
+        # (checkpointed recomputation too): the compute an arm spends (callbacks.ComputeMeter).
+        self.positions_run = 0
 
     # The base model's own dropout is never used by rollouts or replays (it would break replay), and
     # Lightning restores submodule modes on its own: the mode of ``lm`` is set explicitly by the caller
@@ -118,6 +121,7 @@ class LatentLM(nn.Module):
 
     def _run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache) -> Tensor:
         before = cache.get_seq_length()
+        self.positions_run += embeds.shape[0] * embeds.shape[1]
         out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=True, **{self.cache_kwarg: cache})
         if cache.get_seq_length() != before + embeds.shape[1]:

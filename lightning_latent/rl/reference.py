@@ -21,6 +21,7 @@ class Reference:
 
     def __init__(self, policy: LatentLM, perturb: PerturbConfig, state: dict[str, Tensor] | None = None):
         self.model = copy.deepcopy(policy)
+        self.model.positions_run = 0  # its own compute from here (callbacks.ComputeMeter)
         if state is not None:
             self.model.load_state_dict(state)
         else:

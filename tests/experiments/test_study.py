@@ -318,4 +318,9 @@ def test_an_arms_test_cell_samples_under_its_own_noise(tmp_path):
     assert ev["temperature"] is None and ev["perturb"] is None
     start = yaml.safe_load((st.tb / "test_coconut" / "seed0" / "config.yaml").read_text())["model"]["evaluation"]
     assert start["temperature"] == 1.0 and start["perturb"]["arm"] == "dropout_shared"
-    assert "under each arm's own training noise" in (st.out / "results.md").read_text()
+    md = (st.out / "results.md").read_text()
+    assert "under each arm's own training noise" in md and "## Compute per arm" in md
+    compute = json.loads((st.cells / "train_dropout_greedy_s0.json").read_text())["compute"]
+    k, prompts, steps, mu = 2, 2, b.grpo_steps, 2  # the tiny budget: 2 prompts x K=2; the recipe's mu
+    assert compute["rollouts"] == steps * prompts * k and compute["optimizer_steps"] == steps * mu
+    assert compute["forward_positions"] > 0 and compute["seconds"] > 0
