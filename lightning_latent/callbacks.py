@@ -73,16 +73,13 @@ class EnvironmentRecord(L.Callback):
 class ComputeMeter(L.Callback):
     """Logs what each training step cost on this rank: ``perf/forward_positions`` (positions the
     transformer ran, policy and reference, every pass: rollouts, replays, checkpointed recomputation,
-    a supervised forward), ``perf/optimizer_steps`` (optimiser steps taken: ``mu`` per GRPO step unless
-    skipped) and ``perf/rollouts`` (GRPO: prompts x K). The study sums them per arm (its compute table)."""
+    a supervised forward, and a plateau evaluation inside a supervised step; not the validation loop or the
+    phase-end evaluations, which run outside the training batch), ``perf/optimizer_steps`` (optimiser steps
+    taken: ``mu`` per GRPO step unless skipped) and ``perf/rollouts`` (GRPO: prompts x K), all per rank.
+    The study sums them per arm (its compute table)."""
 
     def __init__(self) -> None:
-        self._steps, self._hooks, self._before = 0, [], (0, 0)
-
-    @staticmethod
-    def _positions(pl_module) -> int:
-        ref = getattr(pl_module, "reference", None)
-        return pl_module.model.positions_run + (ref.model.positions_run if ref is not None else 0)
+        self._steps, self._hooks, self._before = 0, [], (0, None, 0, 0, False)
 
     def _count(self, *args) -> None:
         self._steps += 1
@@ -90,17 +87,23 @@ class ComputeMeter(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._hooks = [opt.register_step_post_hook(self._count) for opt in trainer.optimizers]
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def _remove_hooks(self, *args, **kwargs) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
 
+    on_train_end = on_exception = teardown = _remove_hooks
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._before = (self._positions(pl_module), self._steps, pl_module.segment.kind == "grpo")
+        ref = getattr(pl_module, "reference", None)
+        self._before = (pl_module.model.positions_run, ref, ref.model.positions_run if ref is not None else 0,
+                        self._steps, pl_module.segment.kind == "grpo")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        positions, steps, grpo = self._before
-        pl_module.log("perf/forward_positions", float(self._positions(pl_module) - positions))
+        policy, ref_before, ref_count, steps, grpo = self._before
+        ref = getattr(pl_module, "reference", None)  # (a new GRPO phase makes a new one, counting from 0)
+        ref_run = 0 if ref is None else ref.model.positions_run - (ref_count if ref is ref_before else 0)
+        pl_module.log("perf/forward_positions", float(pl_module.model.positions_run - policy + ref_run))
         pl_module.log("perf/optimizer_steps", float(self._steps - steps))
         if grpo:
             pl_module.log("perf/rollouts", float(len(batch) * pl_module.grpo_cfg.group_size))
@@ -232,12 +235,15 @@ class PhaseSummary(L.Callback):
             row[f"{key}_pass@1"] = p
             row[f"{key}_n"] = n
             row[f"{key}_ci95"] = binomial_ci95(p, max(n, 1))
+            # Whether to pair is decided on the rows (the same on every rank), never on this rank's share of
+            # the problems: paired_row is a collective, and a rank holding none would leave the others waiting.
+            before = any(f"{key}_n" in r for r in self.rows)
             if key == "test":
-                if stage_seg.kind == "grpo" and self._last_test:
+                if stage_seg.kind == "grpo" and before:
                     row.update(paired_row(self._last_test, per_problem, pl_module.device))
                 self._last_test = per_problem
             elif self.pair_validation:
-                if stage_seg.kind in ("grpo", "sft") and self._last_val and name != "start":
+                if stage_seg.kind in ("grpo", "sft") and before and name != "start":
                     row.update(paired_row(self._last_val, per_problem, pl_module.device, "val"))
                 self._last_val = per_problem
             if bar is not None:

@@ -31,8 +31,9 @@ EVAL_SEED_OFFSET = 7919
 class EvalConfig:
     """Evaluation: greedy pass@1 with the perturbation off, plus pass@k / maj@k over ``k`` perturbed,
     sampled rollouts when ``k > 1``. ``perturb`` fixes the sampler of those k rollouts (None: the run's
-    own), so that arms can be compared under one evaluation sampler; ``temperature`` None with ``perturb``
-    None samples each arm under its own training noise (its masks and its rollout answer temperature)."""
+    own), so that arms can be compared under one evaluation sampler. ``temperature`` None: the run's rollout
+    answer temperature (greedy for the greedy arms), resolved by the module; with ``perturb`` None too, each
+    arm samples under its own training noise."""
 
     max_new_tokens: int = 48
     k: int = 0
@@ -55,6 +56,9 @@ class Evaluator:
 
     def __init__(self, model: LatentLM, layout: Layout, tokenizer, cfg: EvalConfig, perturber: Perturber,
                  reward_fn: RewardFn, seed: int):
+        if cfg.temperature is None:
+            raise ValueError("evaluation.temperature is null (the arm's own): resolve it to the rollout "
+                             "temperature before building the Evaluator (LatentReasoner does)")
         self.model, self.layout, self.tokenizer, self.cfg = model, layout, tokenizer, cfg
         self.perturber, self.reward_fn, self.seed = perturber, reward_fn, seed
 

@@ -24,10 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from lightning_latent.experiments.tasks import TASKS, start_args
+from lightning_latent.experiments.tasks import TASKS, probe_args
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "experiments" / "configs" / "synthetic" / "converged.yaml"
 PROBES = ("p4_20", "p4_40", "p5_20")  # lightning_latent/experiments/tasks.py: TASKS
 
 
@@ -43,11 +42,11 @@ def run_probe(name: str, work: Path, threads: int) -> Path:
     vdir = work / "tb" / name / "v0"
     if (vdir / "summary.json").exists():
         return vdir
-    # the study's start at seed 0 (Study.coconut with a converged_<task> budget): the same run
-    args = [sys.executable, str(REPO / "experiments" / "run.py"), "fit", "--config", str(CONFIG), *start_args(name),
+    # the study's start at seed 0 (Study.coconut with a converged_<task> budget): the same arguments
+    args = [sys.executable, str(REPO / "experiments" / "run.py"), *probe_args(name),
             "--trainer.logger.init_args.save_dir", str(work / "tb"),
             "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "v0",
-            "--trainer.enable_progress_bar", "false", "--seed_everything", "0", "--data.seed", "0"]
+            "--trainer.enable_progress_bar", "false"]
     last = vdir / "checkpoints" / "last.ckpt"
     if last.exists():
         (vdir / "config.yaml").unlink(missing_ok=True)

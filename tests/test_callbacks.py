@@ -105,9 +105,16 @@ def test_compute_meter_logs_what_each_step_spent(tmp_path):
 
     m.log = recording_log
 
+    positions, ends = {}, {}
+
     class Batches(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen[pl_module.step_count] = list(batch)
+            positions[pl_module.step_count] = pl_module.model.positions_run
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            ref = pl_module.reference
+            ends[pl_module.step_count] = (pl_module.model.positions_run, ref.model.positions_run if ref else 0)
 
     tiny_trainer(tmp_path, callbacks=[Batches(), ComputeMeter()]).fit(m, datamodule=tiny_data())
     import random
@@ -117,5 +124,25 @@ def test_compute_meter_logs_what_each_step_spent(tmp_path):
     assert cot == {"perf/forward_positions": float(b["input_ids"].numel()), "perf/optimizer_steps": 1.0}
     grpo = {n: v for s, n, v in logged if s == 2}
     assert grpo["perf/optimizer_steps"] == 2.0 and grpo["perf/rollouts"] == len(seen[1]) * m.grpo_cfg.group_size
-    assert grpo["perf/forward_positions"] > 3 * cot["perf/forward_positions"] / 4  # rollouts + 2 replays + ref
-    assert m.reference.model.positions_run > 0
+    # by hand: the policy's positions in the GRPO step (rollouts and 2 replays) plus the new reference's one
+    # replay of the same rollouts (its counter starts at 0)
+    (policy_end, ref_end), policy_grpo = ends[2], ends[2][0] - positions[1]
+    assert grpo["perf/forward_positions"] == policy_grpo + ref_end and 0 < ref_end < policy_grpo
+
+
+def test_compute_meter_counts_a_new_reference_from_zero(tmp_path):
+    """A second GRPO phase replaces the reference at its first step: that step counts the new reference's
+    positions, not the difference from the old one's count (which would be negative)."""
+    from lightning_latent.callbacks import ComputeMeter
+    from lightning_latent.schedule import Phase
+
+    from conftest import tiny_trainer
+    from test_module import tiny_data, tiny_module
+
+    m = tiny_module([Phase("grpo", steps=2), Phase("grpo", steps=1)])
+    logged = []
+    log = m.log
+    m.log = lambda name, value, *a, **kw: (logged.append((name, float(value))) if name == "perf/forward_positions"
+                                          else None) or log(name, value, *a, **kw)
+    tiny_trainer(tmp_path, callbacks=[ComputeMeter()]).fit(m, datamodule=tiny_data())
+    assert len(logged) == 3 and all(v > 0 for _, v in logged)

@@ -88,3 +88,15 @@ def test_eval_config_perturb_from_a_dict():
     cfg = EvalConfig(perturb={"arm": "gaussian", "noise_scale": 0.5})
     assert isinstance(cfg.perturb, PerturbConfig) and cfg.perturb.arm == "gaussian"
     assert EvalConfig().max_new_tokens == 48 and EvalConfig().k == 0
+
+
+def test_an_evaluator_refuses_an_unresolved_temperature(evaluator):
+    """evaluation.temperature null means the arm's own rollout temperature, which the module resolves; an
+    Evaluator built with it unresolved would sample with None."""
+    from dataclasses import replace
+
+    from lightning_latent.evaluation import Evaluator
+
+    with pytest.raises(ValueError, match="evaluation.temperature is null"):
+        Evaluator(evaluator.model, evaluator.layout, evaluator.tokenizer, replace(evaluator.cfg, temperature=None),
+                  evaluator.perturber, evaluator.reward_fn, 0)

@@ -220,10 +220,11 @@ def test_layout_encodes_each_text_once_and_bounds_what_it_keeps(word_tokenizer, 
     calls = []
     encode = word_tokenizer.encode
     monkeypatch.setattr(word_tokenizer, "encode", lambda text, **kw: calls.append(text) or encode(text, **kw))
-    first = lay.prompt(REC, 3)
+    first = lay.prompt(REC, 3, cot=True)  # (the question's ids themselves: no markers appended)
     assert calls == ["Tom has 3 apples.\n"]
     first.append(-1)  # the caller's own list
-    assert lay.prompt(REC, 3) == lay.prompt(REC, 3) == first[:-1] and len(calls) == 1
+    assert lay.prompt(REC, 3, cot=True) == lay.prompt(REC, 3, cot=True) == first[:-1] and len(calls) == 1
+    assert lay.prompt(REC, 3)[: len(first) - 1] == first[:-1] and len(calls) == 1
     ex = lay.train_example(REC, 1)
     assert len(calls) == 1 + 3 + 1  # the steps and the answer, once each
     assert lay.train_example(REC, 1) == ex and len(calls) == 5

@@ -15,9 +15,11 @@ start's validation, which every arm reports at step 0, is evaluated once per see
 (``val_start_<latent|cot>_s<seed>``) instead of once per arm, with the same code and the same number.
 
 Protocol (docs/design.md#protocol): each GRPO run keeps its best checkpoint by validation greedy pass@1;
-test numbers (greedy pass@1 with the perturbation off, pass@k and maj@k over k rollouts under ONE
-evaluation sampler shared by all arms) are reported with the evaluation size, 95% intervals over
-seeds, and paired differences on the same test problems.
+test numbers (greedy pass@1 with the perturbation off, pass@k and maj@k over k rollouts under one
+evaluation sampler shared by all arms, or under each arm's own training noise with ``Budget.own_noise``)
+are reported with the evaluation size, 95% intervals over seeds, and paired differences on the same test
+problems. Issue 22's ``converged_<task>`` budgets add the converged check of every start
+(``converged_s<seed>``).
 """
 from __future__ import annotations
 

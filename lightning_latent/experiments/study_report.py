@@ -88,8 +88,8 @@ class StudyReport:
         if any(compute.values()):
             lines += ["", "## Compute per arm (one training cell, mean over seeds)", "",
                       "Rollouts generated, transformer positions run (rollouts, replays, reference, recomputation; "
-                      "padding included), optimiser steps taken, and the cell's wall seconds (its validations "
-                      "included).", ""]
+                      "padding included), optimiser steps taken (all three on one rank: under DDP, rank 0's share), "
+                      "and the cell's wall seconds (its validations included).", ""]
             mean = lambda cs, k: sum(c[k] for c in cs) / len(cs)  # noqa: E731
             lines += [markdown_table(["arm", "seeds", "rollouts", "forward positions (M)", "optimiser steps", "seconds"],
                                      [[arm, len(cs), f"{mean(cs, 'rollouts'):.0f}",

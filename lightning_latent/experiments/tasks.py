@@ -5,12 +5,18 @@ fully latent model reached 58-87% after a constant-lr plateau run and about 20 p
 training (docs/results/ablation_2026-12-01_unconverged_start/). More steps and a wider value range make the
 latent model carry more in its thoughts. ``scripts/difficulty.py`` probes these settings and
 ``docs/results/difficulty/`` records which one the study uses; the study's ``converged_<task>`` budgets
-start from the same command line as the probe of that task (seed 0 is the probe's run).
+start from the same command line as the probe of that task (:func:`probe_args`), so seed 0's start is the
+probe's run when the thread count is the same too (the probe's ``--threads``; the study's ``--jobs``: 1
+thread per cell at ``--jobs 2`` on 2 cores, as the probes ran).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+from .processes import REPO_ROOT
+
+CONVERGED_CONFIG = REPO_ROOT / "experiments" / "configs" / "synthetic" / "converged.yaml"
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,9 @@ def task_args(name: str) -> list[str]:
 def start_args(name: str) -> list[str]:
     """The converged start's arguments after ``--config converged.yaml`` (the probe's and the study's)."""
     return [*task_args(name), "--model.schedule", json.dumps(converged_schedule(TASKS[name].stages))]
+
+
+def probe_args(name: str) -> list[str]:
+    """``experiments/run.py`` arguments of the task's difficulty probe (scripts/difficulty.py), which are
+    the study's seed-0 start arguments (Study.coconut with ``converged_<name>``) up to their order."""
+    return ["fit", "--config", str(CONVERGED_CONFIG), *start_args(name), "--seed_everything", "0", "--data.seed", "0"]
