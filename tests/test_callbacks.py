@@ -126,7 +126,8 @@ def test_compute_meter_logs_what_each_step_spent(tmp_path):
     assert grpo["perf/optimizer_steps"] == 2.0 and grpo["perf/rollouts"] == len(seen[1]) * m.grpo_cfg.group_size
     # by hand: the policy's positions in the GRPO step (rollouts and 2 replays) plus the new reference's one
     # replay of the same rollouts (its counter starts at 0)
-    (policy_end, ref_end), policy_grpo = ends[2], ends[2][0] - positions[1]
+    policy_end, ref_end = ends[2]
+    policy_grpo = policy_end - positions[1]
     assert grpo["perf/forward_positions"] == policy_grpo + ref_end and 0 < ref_end < policy_grpo
 
 
