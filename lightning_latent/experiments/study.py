@@ -326,7 +326,7 @@ class Study:
         compute = {k.split("/")[1]: sum(v for _, v in curves.pop(k, [])) for k in COMPUTE}  # (the sums only)
         return self._finish(cell, {"ckpt": str(best if best.exists() else vdir / "checkpoints" / "last.ckpt"),
                                    "frac_zero_std": sum(v for _, v in fz) / len(fz) if fz else float("nan"),
-                                   "start_val": start_val, "curves": curves, "compute": {**compute, "seconds": seconds},
+                                   "start_val": start_val, "curves": curves, "compute": compute,
                                    "seconds": seconds})
 
     def evaluate(self, seed: int, tag: str, ckpt: str, arm_cfg: str | None) -> dict:

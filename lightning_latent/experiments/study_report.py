@@ -83,7 +83,7 @@ class StudyReport:
                                      [[s, f"{100 * c['start_val']:.1f}", f"{100 * c['end_val']:.1f}",
                                        f"{100 * c['gain']:+.2f} ± {100 * c['gain_ci95']:.2f}", c["val_n"],
                                        "yes" if c["converged"] else "**no**"] for s, c in checks if c])]
-        compute = {arm: [tr["compute"] for s in range(self.seeds)
+        compute = {arm: [{**tr["compute"], "seconds": tr["seconds"]} for s in range(self.seeds)
                          if (tr := self._done(f"train_{arm}_s{s}")) and "compute" in tr] for arm in self.arms}
         if any(compute.values()):
             lines += ["", "## Compute per arm (one training cell, mean over seeds)", "",

@@ -324,4 +324,4 @@ def test_an_arms_test_cell_samples_under_its_own_noise(tmp_path):
     compute = json.loads((st.cells / "train_dropout_greedy_s0.json").read_text())["compute"]
     k, prompts, steps, mu = 2, 2, b.grpo_steps, 2  # the tiny budget: 2 prompts x K=2; the recipe's mu
     assert compute["rollouts"] == steps * prompts * k and compute["optimizer_steps"] == steps * mu
-    assert compute["forward_positions"] > 0 and compute["seconds"] > 0
+    assert compute["forward_positions"] > 0 and set(compute) == {"rollouts", "forward_positions", "optimizer_steps"}
