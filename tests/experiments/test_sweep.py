@@ -329,3 +329,21 @@ def test_torchrun_two_nodes_on_loopback(coconut_ckpt, tmp_path):
     assert t.system_attrs.get("ll:joined:1") and "torch.distributed.run" in t.user_attrs["command"]
     log1 = (out / "trials" / "trial_0000_node1.log").read_text()
     assert "--node_rank=1" in log1
+
+
+@pytest.mark.parametrize("name", ["paper_recipe", "paper_noise"])
+def test_the_paper_sweeps_run_their_task_and_refuse_to_run_without_one(name):
+    """Issue 22's grids: a trial gets the chosen task's settings and curriculum length (a start of one task
+    cannot run on another), and until a task is set the sweep is refused by name."""
+    path = REPO / "sweeps" / f"{name}.yaml"
+    with pytest.raises(ValueError, match="sweep task='CHOOSE' is not a task"):
+        load_sweep_config(path)
+    cfg = load_sweep_config(path, sets=["task=p5_20"])
+    assert cfg.is_grid and cfg.pruner["type"] == "nop"
+    params = {k: spec["choices"][0] for k, spec in cfg.space.items()}
+    ov = cfg.overrides(params)
+    assert ov["data.synthetic"]["max_steps"] == 5 and ov["model.curriculum.max_latent_stage"] == 5
+    assert ov["model.perturb.p_train"] == 0.1 and ov["model.schedule"][0]["steps"] == 300
+    fit = fit_args(cfg.base_config, ov, "tb", "t", "0", Launch(devices=1))
+    assert '--data.synthetic={"seed": 0, "min_steps": 5, "max_steps": 5, "max_number": 20, "max_value": 60, ' \
+           '"operators": "+-*"}' in fit

@@ -15,6 +15,7 @@ Example (``sweeps/dropout_grpo.yaml``)::
     objective: {metric: val/pass@1, direction: maximize, reduce: last, mean_over: null}
     sampler: {type: tpe, seed: 0, n_startup_trials: 5}   # or random; or grid (categorical space only)
     pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 0}
+    task: null                         # a synthetic task of experiments/tasks.py (its settings to every trial)
 
 Relative paths (``base_config``, ``init_from``) are resolved against the current directory first,
 then against the YAML's folder.
@@ -30,6 +31,8 @@ from typing import Any
 
 import optuna
 import yaml
+
+from ..tasks import TASKS
 
 DEFAULT_SPACE: dict[str, dict] = {
     "model.perturb.p": {"type": "float", "low": 0.05, "high": 0.5},
@@ -53,10 +56,16 @@ class SweepConfig:
                                                                "reduce": "last"})
     sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
     pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
+    # A synthetic task of experiments/tasks.py (issue 22): its settings and curriculum length go to every
+    # trial (``data.synthetic``, ``model.curriculum.max_latent_stage``), so a trial cannot run a start of
+    # one task on another; keys in ``args`` win.
+    task: str | None = None
     source: str | None = None  # the YAML file this came from
 
     # -- validation ----------------------------------------------------------------------------------
     def validate(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"sweep task={self.task!r} is not a task of experiments/tasks.py; choose from {sorted(TASKS)}")
         if not self.space:
             raise ValueError("sweep: the search space is empty")
         for name, spec in self.space.items():
@@ -180,7 +189,9 @@ class SweepConfig:
 
     def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
         """Every CLI override of a trial: fixed args, then the sampled params, then derived keys."""
-        ov = {**self.args, **params}
+        task = {} if self.task is None else {"data.synthetic": TASKS[self.task].synthetic(),
+                                             "model.curriculum.max_latent_stage": TASKS[self.task].stages}
+        ov = {**task, **self.args, **params}
         rollouts = self.constant_rollouts()
         if rollouts is not None and GROUP_SIZE_KEY in params:
             ov[PROMPTS_KEY] = rollouts // int(params[GROUP_SIZE_KEY])
