@@ -41,7 +41,7 @@ from ..model.arms import get_arm, study_arms
 from .cell_worker import CellWorker
 from .processes import REPO_ROOT, RUN_SCRIPT, run_process, shell_line
 from .reporting import scalars, write_csv
-from .tasks import FLOOR_LR, TASKS, start_args, task_args
+from .tasks import FLOOR_LR, TASKS, schedule_args, task_args
 
 log = logging.getLogger("lightning_latent.experiments.study")
 
@@ -94,7 +94,7 @@ def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) ->
     dropout_arms = [a for a in ARMS if get_arm(a).dropout]
     return Budget(grpo_steps=300, val_interval=25, val_limit=2000, test_limit=5000, start_config="converged.yaml",
                   start_val_limit=False, curve_steps=(25, 50, 100, 200, 300),
-                  coconut_args=start_args(task)[len(task_args(task)):], common=common,
+                  coconut_args=schedule_args(task), common=common,
                   converged_lr=FLOOR_LR, own_noise=True,
                   arm_args={a: ["--model.perturb.p", str(rollout_p)] for a in dropout_arms})
 

@@ -64,15 +64,25 @@ def converged_schedule(stages: int) -> list[dict]:
              "decay": {"steps": 1500, **decay}}]
 
 
-def task_args(name: str) -> list[str]:
-    """What every run of a task needs on its command line: the task and the curriculum's length."""
+def task_overrides(name: str) -> dict:
+    """What every run of a task needs, as config keys: the task and the curriculum's length."""
     t = TASKS[name]
-    return ["--data.synthetic", json.dumps(t.synthetic()), "--model.curriculum.max_latent_stage", str(t.stages)]
+    return {"data.synthetic": t.synthetic(), "model.curriculum.max_latent_stage": t.stages}
+
+
+def task_args(name: str) -> list[str]:
+    """:func:`task_overrides` on a command line."""
+    return [a for k, v in task_overrides(name).items() for a in (f"--{k}", json.dumps(v))]
+
+
+def schedule_args(name: str) -> list[str]:
+    """The converged start's schedule on a command line."""
+    return ["--model.schedule", json.dumps(converged_schedule(TASKS[name].stages))]
 
 
 def start_args(name: str) -> list[str]:
     """The converged start's arguments after ``--config converged.yaml`` (the probe's and the study's)."""
-    return [*task_args(name), "--model.schedule", json.dumps(converged_schedule(TASKS[name].stages))]
+    return [*task_args(name), *schedule_args(name)]
 
 
 def probe_args(name: str) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 import yaml
 
-from ..tasks import TASKS
+from ..tasks import TASKS, task_overrides
 
 DEFAULT_SPACE: dict[str, dict] = {
     "model.perturb.p": {"type": "float", "low": 0.05, "high": 0.5},
@@ -189,8 +189,7 @@ class SweepConfig:
 
     def overrides(self, params: dict[str, Any]) -> dict[str, Any]:
         """Every CLI override of a trial: fixed args, then the sampled params, then derived keys."""
-        task = {} if self.task is None else {"data.synthetic": TASKS[self.task].synthetic(),
-                                             "model.curriculum.max_latent_stage": TASKS[self.task].stages}
+        task = {} if self.task is None else task_overrides(self.task)
         ov = {**task, **self.args, **params}
         rollouts = self.constant_rollouts()
         if rollouts is not None and GROUP_SIZE_KEY in params:
