@@ -84,6 +84,7 @@ class Layout:
             raise ValueError("the tokenizer has no EOS token")
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._encoded: dict[tuple[str, bool], tuple[int, ...]] = {}  # (see _enc)
 
     #: Encoded texts kept per layout (a plain dict, emptied when full: picklable, bounded). A study's
     #: evaluations encode the same 2,000-5,000 problems again at every validation and for each of the k
@@ -91,7 +92,7 @@ class Layout:
     ENCODE_CACHE_SIZE = 1 << 16
 
     def _enc(self, text: str, special: bool = False) -> list[int]:
-        cache = self.__dict__.setdefault("_encoded", {})
+        cache = self._encoded
         ids = cache.get((text, special))
         if ids is None:
             if len(cache) >= self.ENCODE_CACHE_SIZE:
