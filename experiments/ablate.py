@@ -15,7 +15,9 @@ processes, one after another (no process start and imports per cell); --fresh-pr
 process per cell instead (the same numbers).
 """
 import argparse
+import json
 import logging
+from pathlib import Path
 
 from lightning_latent.helptext import description_first
 from lightning_latent.experiments.study import ARMS, BUDGETS, Study
@@ -31,6 +33,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--budget", default="default", choices=sorted(BUDGETS))
+    ap.add_argument("--settings", metavar="JSON",
+                    help='the arms\' settings chosen on validation: {"grpo": {KEY: VALUE}, "arms": {ARM: {KEY: VALUE}}} '
+                         "(run.py keys; Budget.with_settings), e.g. the choices.json of scripts/paper_setting.py")
     ap.add_argument("--no-diversity", action="store_true", help="skip the diversity curve")
     ap.add_argument("--fresh-processes", action="store_true",
                     help="one `experiments/run.py` process per cell instead of long-lived workers (same numbers)")
@@ -38,7 +43,11 @@ def main() -> None:
     ap.add_argument("--diversity-from", metavar="CKPT", help="only measure the diversity curve from this checkpoint")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    study = Study(a.out, seeds=a.seeds, arms=tuple(a.arms), budget=a.budget, diversity=not a.no_diversity,
+    budget = BUDGETS[a.budget]
+    if a.settings:
+        raw = json.loads(Path(a.settings).read_text())
+        budget = budget.with_settings(raw.get("settings", raw))  # a choices.json holds them under "settings"
+    study = Study(a.out, seeds=a.seeds, arms=tuple(a.arms), budget=budget, diversity=not a.no_diversity,
                   work=a.work, jobs=a.jobs, in_process=not a.fresh_processes)
     if a.diversity_from:
         study.run_diversity(a.diversity_from)

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..answers import answers_equal
@@ -80,6 +80,36 @@ class Budget:
     own_noise: bool = False
     # Per-arm arguments of its train and test cells (e.g. a dropout arm's rollout p from its grid).
     arm_args: dict[str, list[str]] = field(default_factory=dict)
+    # What with_settings added (recorded in the report): {"grpo": {KEY: VALUE}, "arms": {ARM: {KEY: VALUE}}}
+    settings: dict = field(default_factory=dict)
+
+    def with_settings(self, settings: dict) -> "Budget":
+        """A copy whose arms run at ``settings``, chosen on validation before the study (issue 22: the shared
+        GRPO recipe and each noise arm's grid point): ``{"grpo": {KEY: VALUE}, "arms": {ARM: {KEY: VALUE}}}``
+        with ``experiments/run.py`` keys (``model.optim.grpo_lr``, ``model.perturb.p``, ...). ``grpo`` goes to
+        every GRPO arm, an arm's own entry to that arm; both come after the budget's own ``arm_args``, so they
+        override them (the later argument wins), and go to the arm's train and test cells."""
+        unknown = set(settings) - {"grpo", "arms"}
+        if unknown:
+            raise ValueError(f"settings: unknown keys {sorted(unknown)}; expected 'grpo' and/or 'arms'")
+        arms = settings.get("arms", {})
+        bad = sorted(set(arms) - set(ARMS))
+        if bad:
+            raise ValueError(f"settings: unknown arms {bad}; choose from {ARMS}")
+        for scope in (settings.get("grpo", {}), *arms.values()):
+            if not isinstance(scope, dict) or any(not isinstance(k, str) or not k.startswith(("model.", "data."))
+                                                  for k in scope):
+                raise ValueError(f"settings: {scope!r} must map run.py keys (model.* / data.*) to values")
+
+        def flat(d: dict) -> list[str]:
+            return [a for k, v in d.items() for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+
+        out = {a: list(self.arm_args.get(a, [])) for a in ARMS}
+        for a in ARMS:
+            if get_arm(a).phase == "grpo":
+                out[a] += flat(settings.get("grpo", {}))
+            out[a] += flat(arms.get(a, {}))
+        return replace(self, arm_args={a: v for a, v in out.items() if v}, settings=settings)
 
 
 def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) -> Budget:

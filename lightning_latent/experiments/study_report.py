@@ -63,6 +63,12 @@ class StudyReport:
                     f"dropout_shared p={self.budget.eval_p}, T=1)" if self.budget.own_noise else
                     f"under one evaluation sampler (dropout_shared p={self.budget.eval_p}, T=1)")
                  + ". Intervals: 95% t-intervals over seeds.", ""]
+        if self.budget.settings:
+            st = self.budget.settings
+            lines += ["Settings chosen on validation before the study: every GRPO arm "
+                      + (", ".join(f"`{k}` = {v}" for k, v in st.get("grpo", {}).items()) or "as configured") + "; "
+                      + "; ".join(f"{a}: " + ", ".join(f"`{k}` = {v}" for k, v in kv.items())
+                                  for a, kv in st.get("arms", {}).items()) + ".", ""]
         rows = []
         for arm in ("coconut_start", *self.arms):
             rs = [r for r in results if r["arm"] == arm]

@@ -1,0 +1,155 @@
+"""Issue 22's pipeline (experiments/paper_setting.py): its choice rules by hand, the settings it hands the
+study, and the grids it asks the sweep driver for."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from lightning_latent.experiments.paper_setting import (ADOPTED, PaperSetting, choose_noise, choose_p_train,
+                                                        choose_recipe, more_seeds_needed, primary_intervals, rl_gain)
+from lightning_latent.experiments.study import BUDGETS, Study
+from lightning_latent.experiments.sweep.space import load_sweep_config
+from lightning_latent.metrics import t975
+
+
+def test_rl_gain_is_the_best_validation_minus_the_start():
+    cell = {"start_val": 0.40, "curves": {"val/pass@1": [(25, 0.38), (50, 0.47), (75, 0.45)]}}
+    assert rl_gain(cell) == pytest.approx(0.07)
+    with pytest.raises(ValueError, match="no validation curve"):
+        rl_gain({"start_val": 0.4, "curves": {}})
+
+
+def test_p_train_rule_largest_gain_ties_to_the_lower_rate():
+    assert choose_p_train({0.05: 0.02, 0.1: 0.05, 0.2: 0.01}) == 0.1
+    assert choose_p_train({0.05: 0.03, 0.1: 0.03, 0.2: 0.01}) == 0.05
+    with pytest.raises(ValueError):
+        choose_p_train({})
+
+
+def _trials(rows):
+    return pd.DataFrame([{"state": "COMPLETE", **r} for r in rows])
+
+
+def test_recipe_is_chosen_on_the_mean_over_the_three_arms():
+    rows = []
+    # lr 5e-5 / off: the best single trial (0.9) but a worse mean (0.9 + 0.3 + 0.3) / 3 = 0.5
+    # lr 1e-4 / on: no single trial above 0.6, mean (0.6 + 0.6 + 0.6) / 3 = 0.6 -> chosen
+    for lr, ds, vals in ((5e-5, False, (0.9, 0.3, 0.3)), (1e-4, True, (0.6, 0.6, 0.6))):
+        for arm, v in zip(("temperature", "dropout_shared", "dropout_greedy"), vals):
+            rows.append({"value": v, "params_model.perturb.arm": arm, "params_model.optim.grpo_lr": lr,
+                         "params_model.grpo.dynamic_sampling": ds})
+    # a point missing an arm is never chosen, however good
+    rows.append({"value": 0.99, "params_model.perturb.arm": "temperature", "params_model.optim.grpo_lr": 2e-5,
+                 "params_model.grpo.dynamic_sampling": False})
+    assert choose_recipe(_trials(rows)) == {"model.optim.grpo_lr": 1e-4, "model.grpo.dynamic_sampling": True}
+
+
+def test_noise_is_chosen_per_arm_ties_to_the_lower_value():
+    df = _trials([{"value": v, "params_model.perturb.arm": a, "params_model.perturb.p": p}
+                  for a, p, v in (("dropout_shared", 0.05, 0.5), ("dropout_shared", 0.1, 0.7), ("dropout_shared", 0.2, 0.6),
+                                  ("dropout_greedy", 0.05, 0.4), ("dropout_greedy", 0.1, 0.4), ("dropout_greedy", 0.2, 0.3))])
+    assert choose_noise(df, "model.perturb.p") == {"dropout_shared": 0.1, "dropout_greedy": 0.05}
+    t = _trials([{"value": v, "params_model.grpo.answer_temperature": x} for x, v in ((0.7, 0.5), (1.3, 0.6))])
+    assert choose_noise(t, "model.grpo.answer_temperature", "temperature") == {"temperature": 1.3}
+    with pytest.raises(ValueError, match="no completed trial"):
+        choose_noise(t.assign(state="FAIL"), "model.grpo.answer_temperature", "temperature")
+
+
+def test_primary_intervals_by_hand():
+    pass1 = {("dropout_shared", 0): 0.50, ("temperature", 0): 0.48, ("dropout_shared", 1): 0.40,
+             ("temperature", 1): 0.40, ("dropout_shared", 2): 0.45, ("temperature", 2): 0.44,
+             ("dropout_greedy", 0): 0.41, ("none", 0): 0.40}
+    iv = primary_intervals(pass1)
+    d = [0.02, 0.0, 0.01]  # mean 0.01, sd 0.01, half-width t(2) * 0.01 / sqrt(3)
+    assert iv["dropout_shared - temperature"]["mean"] == pytest.approx(0.01)
+    assert iv["dropout_shared - temperature"]["ci95"] == pytest.approx(t975(2) * 0.01 / math.sqrt(3))
+    assert iv["dropout_shared - temperature"]["seeds"] == 3 == len(d)
+    assert iv["dropout_greedy - none"]["seeds"] == 1 and math.isnan(iv["dropout_greedy - none"]["ci95"])
+
+
+def test_more_seeds_rule():
+    wide_zero = {"a": {"mean": 0.005, "ci95": 0.02}, "b": {"mean": 0.05, "ci95": 0.01}}
+    assert more_seeds_needed(wide_zero, 5)
+    assert not more_seeds_needed(wide_zero, 10)  # the cap
+    assert not more_seeds_needed({"a": {"mean": 0.03, "ci95": 0.02}}, 5)  # excludes 0
+    assert not more_seeds_needed({"a": {"mean": 0.002, "ci95": 0.008}}, 5)  # includes 0 but within ±1 point
+    assert more_seeds_needed({"a": {"mean": 0.0, "ci95": float("nan")}}, 1)
+
+
+def test_settings_reach_every_grpo_arm_and_override_the_budget():
+    b = BUDGETS["converged_p4_20"].with_settings(
+        {"grpo": {"model.optim.grpo_lr": 1e-4, "model.grpo.dynamic_sampling": True},
+         "arms": {"dropout_shared": {"model.perturb.p": 0.2}, "temperature": {"model.grpo.answer_temperature": 1.3}}})
+    shared = b.arm_args["dropout_shared"]
+    # the budget's rollout p first, the chosen one after it: the later argument wins
+    assert shared == ["--model.perturb.p", "0.1", "--model.optim.grpo_lr", "0.0001",
+                      "--model.grpo.dynamic_sampling", "true", "--model.perturb.p", "0.2"]
+    assert b.arm_args["temperature"][-2:] == ["--model.grpo.answer_temperature", "1.3"]
+    assert "--model.optim.grpo_lr" in b.arm_args["none"] and "--model.optim.grpo_lr" in b.arm_args["cot_grpo"]
+    assert "sft_continue" not in b.arm_args  # a supervised control: no GRPO recipe
+    st = Study("unused", budget=b, seeds=1)
+    train = st._arm_args(0, "dropout_shared", "S.ckpt", 3)
+    assert train[train.index("--model.perturb.p", train.index("--model.perturb.p") + 1) + 1] == "0.2"
+    for bad, msg in (({"recipe": {}}, "unknown keys"), ({"arms": {"nope": {}}}, "unknown arms"),
+                     ({"grpo": {"lr": 1}}, "run.py keys")):
+        with pytest.raises(ValueError, match=msg):
+            BUDGETS["converged_p4_20"].with_settings(bad)
+
+
+@pytest.fixture
+def chosen(tmp_path):
+    start = tmp_path / "start.ckpt"
+    start.write_text("")
+    ps = PaperSetting("p4_40", tmp_path / "work", tmp_path / "out", tmp_path / "study", grid_steps=150)
+    ps.choose("p_train", {"chosen": 0.2, "rates": {"0.2": {"start": str(start)}}})
+    ps.choose("recipe", {"model.optim.grpo_lr": 2e-5, "model.grpo.dynamic_sampling": False})
+    return ps, start
+
+
+def _config(ps, name, config, sets, n):
+    args = ps.sweep_args(name, config, sets, n)
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    return load_sweep_config(args[args.index("--config") + 1], sets, args[args.index("--init-from") + 1]), args
+
+
+def test_the_grids_are_the_planned_ones(chosen):
+    """What the sweep driver reads from the pipeline's --set values: the task, the start, p_train, the grid's
+    steps, and exactly the planned space (the recipe's lr x dynamic sampling x 3 arms; p around p_train)."""
+    ps, start = chosen
+    cfg, args = _config(ps, "recipe", "paper_recipe.yaml", ["args.model.perturb.p=0.2"], 18)
+    assert cfg.task == "p4_40" and cfg.init_from == str(start) and args[args.index("--n-trials") + 1] == "18"
+    assert cfg.args["model.schedule"] == [{"kind": "grpo", "steps": 150, "name": "recipe"}]
+    assert cfg.args["model.perturb.p"] == 0.2 == cfg.args["model.perturb.p_train"]
+    assert cfg.space["model.optim.grpo_lr"]["choices"] == [2.0e-5, 5.0e-5, 1.0e-4]
+    assert cfg.objective["mean_over"] == "model.perturb.arm"
+    grids = ps.noise_sets()
+    cfg, _ = _config(ps, "noise_dropout", "paper_noise.yaml", grids["noise_dropout"][0], 9)
+    assert cfg.space["model.perturb.p"]["choices"] == [0.1, 0.2, 0.4]
+    assert cfg.space["model.perturb.arm"]["choices"] == ["dropout_shared", "dropout_greedy", "dropout_per_step"]
+    assert cfg.args["model.optim.grpo_lr"] == 2e-5 and cfg.args["model.grpo.dynamic_sampling"] is False
+    cfg, _ = _config(ps, "noise_temperature", "paper_noise.yaml", grids["noise_temperature"][0], 3)
+    assert cfg.space == {"model.grpo.answer_temperature": {"type": "categorical", "choices": [0.7, 1.0, 1.3]}}
+    assert cfg.args["model.perturb.arm"] == "temperature"
+    cfg, _ = _config(ps, "noise_gaussian", "paper_noise.yaml", grids["noise_gaussian"][0], 3)
+    assert cfg.space == {"model.perturb.noise_scale": {"type": "categorical", "choices": [0.05, 0.1, 0.2]}}
+    assert [g[1:] for g in grids.values()] == [(9, 2), (3, 1), (3, 1)]
+
+
+def test_seed_0_of_the_study_is_the_chosen_rates_start(chosen):
+    """The study adopts seed 0's start and the cells step 1 computed from it, not the dropout_greedy cell
+    (which ran before the grids) and never another seed's."""
+    ps, start = chosen
+    ps.choose("settings", {"grpo": {"model.optim.grpo_lr": 2e-5}, "arms": {}})
+    src = ps._ptrain_study(0.2).cells
+    for cell in (*ADOPTED, "train_dropout_greedy_s0"):
+        (src / f"{cell}.json").write_text(json.dumps({"ckpt": str(start), "cell": cell}))
+    st = ps._main_study(5)
+    assert st.budget.settings["grpo"] == {"model.optim.grpo_lr": 2e-5} and st.seeds == 5 and st.jobs == 2
+    assert st.budget.common[-1] == "0.2"  # the p_train 0.2 budget
+    assert sorted(f.stem for f in st.cells.glob("*.json")) == sorted(ADOPTED)
+    assert st.coconut(0) == str(start)
+    with pytest.raises(SystemExit, match="for task"):
+        PaperSetting("p5_20", ps.work, ps.out, ps.study_out).choose("x", 1)
