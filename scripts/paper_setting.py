@@ -41,7 +41,7 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ps = PaperSetting(a.task, a.work, a.out, a.study_out, a.start0, a.grid_steps, a.seeds, a.max_seeds, a.threads)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout
     ps.note(f"paper_setting {a.task} until {a.until}: commit {commit.strip() or '?'}, "
             f"CPU {torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s) per cell")
     print(json.dumps(ps.run(a.until), indent=1))

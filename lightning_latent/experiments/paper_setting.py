@@ -273,8 +273,8 @@ class PaperSetting:
         ps = [round(p / 2, 4), p, round(2 * p, 4)]
         return {"noise_dropout": ([*rset, f"space.model.perturb.p={{type: categorical, choices: {ps}}}"], 9, 2),
                 "noise_temperature": ([*rset, "args.model.perturb.arm=temperature",
-                                       "space={model.grpo.answer_temperature: {type: categorical, choices: "
-                                       f"{list(TEMPERATURES)}}}}}"], 3, 1),
+                                       (f"space={{model.grpo.answer_temperature: {{type: categorical, choices: "
+                                        f"{list(TEMPERATURES)}}}}}")], 3, 1),
                 "noise_gaussian": ([*rset, "args.model.perturb.arm=gaussian",
                                     f"space={{model.perturb.noise_scale: {{type: categorical, choices: {list(SCALES)}}}}}"],
                                    3, 1)}
@@ -290,7 +290,7 @@ class PaperSetting:
         if "settings" in self.choices():
             return
         grids = self.noise_sets()
-        run = lambda name: self.sweep(name, "paper_noise.yaml", *grids[name])  # noqa: E731
+        run = lambda name: self.sweep(name, "paper_noise.yaml", *grids[name])
         drop = run("noise_dropout")  # two workers; then the two small grids side by side
         with ThreadPoolExecutor(2) as pool:
             temp, gauss = pool.map(run, ("noise_temperature", "noise_gaussian"))

@@ -83,7 +83,7 @@ class Budget:
     # What with_settings added (recorded in the report): {"grpo": {KEY: VALUE}, "arms": {ARM: {KEY: VALUE}}}
     settings: dict = field(default_factory=dict)
 
-    def with_settings(self, settings: dict) -> "Budget":
+    def with_settings(self, settings: dict) -> Budget:
         """A copy whose arms run at ``settings``, chosen on validation before the study (issue 22: the shared
         GRPO recipe and each noise arm's grid point): ``{"grpo": {KEY: VALUE}, "arms": {ARM: {KEY: VALUE}}}``
         with ``experiments/run.py`` keys (``model.optim.grpo_lr``, ``model.perturb.p``, ...). ``grpo`` goes to
