@@ -35,12 +35,12 @@ from pathlib import Path
 
 from ..metrics import mean_and_ci95
 from .processes import REPO_ROOT
+from .study_report import PRIMARY
 from .tasks import TASKS
 
 log = logging.getLogger("lightning_latent.experiments.paper_setting")
 
 RATES = (0.05, 0.1, 0.2)  # the p_train choice (issue 22, point 1)
-PRIMARY = (("dropout_shared", "temperature"), ("dropout_greedy", "none"))  # named before the study runs
 RECIPE_ARMS = ("temperature", "dropout_shared", "dropout_greedy")  # the recipe's mean, and the pt0 arms
 TEMPERATURES = (0.7, 1.0, 1.3)
 SCALES = (0.05, 0.1, 0.2)

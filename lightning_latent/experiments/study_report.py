@@ -15,6 +15,8 @@ from pathlib import Path
 from ..metrics import mean_and_ci95, reward_trend
 from .reporting import markdown_table, write_csv
 
+#: The study's two primary comparisons (issue 22), named before it runs: first in the paired-differences table.
+PRIMARY = (("dropout_shared", "temperature"), ("dropout_greedy", "none"))
 MIN_TREND_POINTS = 50  # a training-reward curve judged by reward_trend: at least this many logged steps
 
 
@@ -123,20 +125,20 @@ class StudyReport:
                   "Per seed: mean of per-problem differences ± 95% t-interval over problems; across seeds: "
                   "mean ± 95% t-interval.", ""]
         rows = []
-        for base in ("temperature", "coconut_start"):
-            for arm in self.arms:
-                if arm == base:
+        pairs = [(a, b, " (primary)") for a, b in PRIMARY if a in self.arms and b in self.arms]
+        pairs += [(arm, base, "") for base in ("temperature", "coconut_start") for arm in self.arms
+                  if arm != base and (arm, base) not in PRIMARY]
+        for arm, base, tag in pairs:
+            diffs, per_seed = [], []
+            for s in range(self.seeds):
+                a, b = per_problem.get((arm, s)), per_problem.get((base, s))
+                if a is None or b is None:
                     continue
-                diffs, per_seed = [], []
-                for s in range(self.seeds):
-                    a, b = per_problem.get((arm, s)), per_problem.get((base, s))
-                    if a is None or b is None:
-                        continue
-                    d = [x - y for x, y in zip(a, b)]
-                    per_seed.append(f"s{s}: {mean_pm(d, signed=True)}")
-                    diffs.append(sum(d) / len(d))
-                if diffs:
-                    rows.append([f"{arm} − {base}", "; ".join(per_seed), mean_pm(diffs, signed=True)])
+                d = [x - y for x, y in zip(a, b)]
+                per_seed.append(f"s{s}: {mean_pm(d, signed=True)}")
+                diffs.append(sum(d) / len(d))
+            if diffs:
+                rows.append([f"{arm} − {base}{tag}", "; ".join(per_seed), mean_pm(diffs, signed=True)])
         lines += [markdown_table(["comparison", "per seed", "across seeds"], rows)]
         lines += ["", f"Wall time of this invocation: {time.perf_counter() - self.t0:.0f} s."]
         (self.out / "results.md").write_text("\n".join(lines) + "\n")
@@ -198,8 +200,9 @@ class StudyReport:
         fig.tight_layout()
         fig.savefig(self.out / "pass1_per_arm.png", dpi=120)
         plt.close(fig)
-        names = ("grpo/reward_mean", "grpo/frac_all_correct", "grpo/frac_all_wrong", "grpo/frac_mixed")
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+        names = ("grpo/reward_mean", "grpo/frac_zero_std", "grpo/frac_all_correct", "grpo/frac_all_wrong",
+                 "grpo/frac_mixed")
+        fig, axes = plt.subplots(1, 5, figsize=(20, 3.5))
         for arm in self.arms:
             trs = [self._done(f"train_{arm}_s{s}") for s in range(self.seeds)]
             trs = [t for t in trs if t]

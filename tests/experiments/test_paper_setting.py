@@ -153,3 +153,31 @@ def test_seed_0_of_the_study_is_the_chosen_rates_start(chosen):
     assert st.coconut(0) == str(start)
     with pytest.raises(SystemExit, match="for task"):
         PaperSetting("p5_20", ps.work, ps.out, ps.study_out).choose("x", 1)
+
+
+def test_the_report_puts_the_primary_comparisons_first(tmp_path):
+    """results.md names the two primary comparisons, computed like every paired difference (per problem, then
+    across seeds), and plots the frac_zero_std curves."""
+    from lightning_latent.experiments.study_report import StudyReport
+
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    right = {"none": [1, 0, 0, 0], "temperature": [1, 1, 0, 0], "dropout_shared": [1, 1, 1, 0],
+             "dropout_greedy": [1, 1, 0, 0]}
+    for s in (0, 1):
+        for arm, c in (("coconut", [1, 0, 0, 0]), *right.items()):
+            (cells / f"test_{arm}_s{s}.json").write_text(json.dumps(
+                {"pass@1": sum(c) / 4, "sampled_pass@1": 0.0, "maj@8": 0.0, "pass@8": 0.0, "n_eval": 4, "correct": c}))
+            if arm != "coconut":
+                fz = 1.0 if arm == "none" else 0.5
+                (cells / f"train_{arm}_s{s}.json").write_text(json.dumps(
+                    {"frac_zero_std": fz, "start_val": 0.25, "curves": {"grpo/frac_zero_std": [[1, fz], [2, fz]]}}))
+    rep = StudyReport(tmp_path, tmp_path / "tb", cells, 2, tuple(right), BUDGETS["converged_p4_20"], 0.0)
+    rep.write()
+    md = (tmp_path / "results.md").read_text()
+    rows = [line for line in md.splitlines() if " − " in line]
+    assert rows[0].startswith("| dropout_shared − temperature (primary) |")
+    assert rows[1].startswith("| dropout_greedy − none (primary) |")
+    assert "+25.0 ± 0.0" in rows[0] and "+25.0 ± 0.0" in rows[1]  # one more problem of 4 on both seeds
+    assert not any(r.startswith("| dropout_shared − temperature |") for r in rows)  # not twice
+    assert (tmp_path / "training_curves.png").exists()
