@@ -3,7 +3,7 @@
     python scripts/paper_setting.py --task p4_40 --work /work/runs/paper \
         --start0 /work/runs/difficulty/tb/p4_40/v0/checkpoints/last.ckpt [--until recipe] [--grid-steps 300]
 
-Steps (docs/results/paper_setting_plan.md; lightning_latent/experiments/paper_setting.py): ptrain, diversity,
+Steps (docs/results/paper_setting_plan.md; lightning_latent/experiments/paper_setting.py): diversity, ptrain,
 recipe, noise, study, pt0, extend. Each choice goes to ``OUT/choices.json`` (default
 docs/results/paper_setting/) by a rule fixed before it runs; the study's tables to ``--study-out`` (default
 docs/results/ablation/). Rerun the same command to resume: finished steps are skipped, unfinished runs

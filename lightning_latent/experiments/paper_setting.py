@@ -3,16 +3,17 @@ each choice made on validation by a rule fixed here before it runs, resumable, f
 
 Steps (each skipped once its choice is in ``OUT/choices.json``; each one's runs resume where they stopped):
 
-1. ``p_train``: a converged start at each rate of :data:`RATES` (seed 0; the 0.1 start can be the task's
+1. ``diversity``: before any cell, ``frac_zero_std`` against p under greedy answers (and the other arms)
+   from the task's probe start (p_train 0.1); the study measures it again from its seed-0 start.
+2. ``p_train``: a converged start at each rate of :data:`RATES` (seed 0; the 0.1 start can be the task's
    difficulty probe, the same command line), its converged check, and ``dropout_greedy`` for the RL budget
    at rollout p = ``p_train``. Chosen: the largest validation gain (:func:`rl_gain`).
-2. ``diversity``: ``frac_zero_std`` against p under greedy answers (and the other arms) from that start.
 3. ``recipe``: ``sweeps/paper_recipe.yaml`` (lr x dynamic sampling, each for three arms), chosen on the mean
    over the arms (:func:`choose_recipe`).
 4. ``noise``: ``sweeps/paper_noise.yaml`` for the dropout arms, and a grid of 3 for ``temperature`` (T) and
    ``gaussian`` (scale), at the recipe; each arm takes its best point (:func:`choose_noise`).
 5. ``study``: every arm, :attr:`PaperSetting.seeds` seeds, at the chosen settings (seed 0's start and its
-   cells adopted from step 1); its primary comparisons (:data:`PRIMARY`) written to ``choices.json``.
+   cells adopted from step 2); its primary comparisons (:data:`PRIMARY`) written to ``choices.json``.
 6. ``pt0``: ``temperature``, ``dropout_shared``, ``dropout_greedy`` from converged ``p_train = 0`` starts,
    3 seeds, the same settings.
 7. ``extend``: one more seed at a time, up to ``max_seeds``, while either primary interval includes 0 and
@@ -44,7 +45,7 @@ RATES = (0.05, 0.1, 0.2)  # the p_train choice (issue 22, point 1)
 RECIPE_ARMS = ("temperature", "dropout_shared", "dropout_greedy")  # the recipe's mean, and the pt0 arms
 TEMPERATURES = (0.7, 1.0, 1.3)
 SCALES = (0.05, 0.1, 0.2)
-STEPS = ("ptrain", "diversity", "recipe", "noise", "study", "pt0", "extend")
+STEPS = ("diversity", "ptrain", "recipe", "noise", "study", "pt0", "extend")
 ADOPTED = ("coconut_s0", "test_coconut_s0", "converged_s0", "val_start_latent_s0")  # seed 0's start and its cells
 
 
@@ -221,11 +222,13 @@ class PaperSetting:
         return c["rates"][f"{c['chosen']:g}"]["start"]
 
     def step_diversity(self) -> None:
-        if (self.study_out / "diversity.csv").exists():
+        """Before any cell: frac_zero_std against p under greedy answers (and the other arms' noise) from the
+        task's p_train 0.1 start (``start0``, the probe). The study measures it again from its own seed-0 start."""
+        out = self.out / "diversity"
+        if not self.start0 or (out / "diversity.csv").exists():
             return
-        self.note("diversity: frac_zero_std against p under greedy answers, from the chosen start")
-        self.study("study", self.choices()["p_train"]["chosen"], 1, ("none",), self.study_out, 1,
-                   diversity=True).run_diversity(self.start())
+        self.note(f"diversity: frac_zero_std against p under greedy answers, from {self.start0}")
+        self.study("diversity", 0.1, 1, ("none",), out, 1, diversity=True).run_diversity(str(Path(self.start0).resolve()))
 
     def sweep_args(self, name: str, config: str, sets: list[str], n_trials: int) -> list[str]:
         """``sweeps/sweep.py`` arguments of one grid: the task, the chosen start and ``p_train``, the grid's
