@@ -75,6 +75,11 @@ class Budget:
     # (the start's decayed floor) may gain at most ``converged_gain`` on the validation problems. None: no check.
     converged_lr: float | None = None
     converged_gain: float = 0.01
+    # A start that fails its check trains longer (issue 22): ``extension_steps`` more steps of its fully latent
+    # stage ``final_stage`` at ``converged_lr``, then the check again, at most ``max_extensions`` times.
+    max_extensions: int = 0
+    extension_steps: int = 1000
+    final_stage: int | None = None
     # pass@k / maj@k of an arm's test cell sampled under the arm's own training noise (its masks and answer
     # temperature: issue 22) instead of one shared sampler (eval_p); the start's test cell keeps the latter.
     own_noise: bool = False
@@ -125,7 +130,8 @@ def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) ->
     return Budget(grpo_steps=300, val_interval=25, val_limit=2000, test_limit=5000, start_config="converged.yaml",
                   start_val_limit=False, curve_steps=(25, 50, 100, 200, 300),
                   coconut_args=schedule_args(task), common=common,
-                  converged_lr=FLOOR_LR, own_noise=True,
+                  converged_lr=FLOOR_LR, own_noise=True, max_extensions=3, extension_steps=1000,
+                  final_stage=TASKS[task].stages,
                   arm_args={a: ["--model.perturb.p", str(rollout_p)] for a in dropout_arms})
 
 
@@ -274,6 +280,45 @@ class Study:
         ckpt = vdir / "checkpoints" / "last.ckpt"
         return self._finish(cell, {"ckpt": str(ckpt), "seconds": None})["ckpt"]
 
+    def start(self, seed: int) -> str:
+        """The arms' start of a seed: the curriculum's checkpoint (:meth:`coconut`); with a converged check, that
+        checkpoint trained longer at the floor lr (:meth:`extend`) while its check fails, at most
+        ``max_extensions`` times. Written to cell ``start_s<seed>`` with its checks."""
+        done = self._done(f"start_s{seed}")
+        if done and Path(done["ckpt"]).exists():
+            return done["ckpt"]
+        ckpt, b = self.coconut(seed), self.budget
+        if b.converged_lr is None:
+            return ckpt
+        checks = []
+        for k in range(b.max_extensions + 1):
+            checks.append(self.converged(seed, ckpt, k))
+            if checks[-1]["converged"] or k == b.max_extensions:
+                break
+            ckpt = self.extend(seed, ckpt, k + 1)
+        return self._finish(f"start_s{seed}", {"ckpt": ckpt, "extensions": len(checks) - 1,
+                                               "converged": checks[-1]["converged"]})["ckpt"]
+
+    def extend(self, seed: int, start: str, k: int) -> str:
+        """Extension ``k`` of a start that failed its check: ``extension_steps`` steps of its fully latent stage
+        at the floor lr (the start's config and masks, weights from ``start``, a fresh optimiser)."""
+        cell = f"extend_s{seed}_x{k}"
+        done = self._done(cell)
+        if done and Path(done["ckpt"]).exists():
+            return done["ckpt"]
+        b = self.budget
+        if b.final_stage is None:
+            raise ValueError("extending a start needs Budget.final_stage (its fully latent stage)")
+        t = time.perf_counter()
+        phase = {"kind": "coconut", "steps": b.extension_steps, "stages": [b.final_stage], "lr": b.converged_lr,
+                 "name": "coconut_floor"}
+        vdir = self._run(["fit", "--config", str(CONFIGS / b.start_config), *self._seed_args(seed), *b.coconut_args,
+                          "--model.init_from", start, "--model.schedule", json.dumps([phase])],
+                         "extend", f"seed{seed}_x{k}", cell, resumable=True)
+        return self._finish(cell, {"ckpt": str(vdir / "checkpoints" / "last.ckpt"), "from": start,
+                                   "steps": b.extension_steps, "lr": b.converged_lr,
+                                   "seconds": round(time.perf_counter() - t, 1)})["ckpt"]
+
     def _arm_args(self, seed: int, arm: str, start: str, steps: int, sft_lr: float = 1.0e-4) -> list[str]:
         """``fit`` of ``arm`` from ``start`` for ``steps`` steps, with the budget's validation."""
         b = self.budget
@@ -310,12 +355,13 @@ class Study:
         return self._finish(cell, {"val_pass@1": row["val_pass@1"], "val_n": row["val_n"], "start": start,
                                    "seconds": round(time.perf_counter() - t, 1)})["val_pass@1"]
 
-    def converged(self, seed: int, start: str) -> dict:
+    def converged(self, seed: int, start: str, k: int = 0) -> dict:
         """The converged check of a start (issue 22): ``sft_continue`` from it for the RL budget's steps at the
         budget's ``converged_lr`` (the start's decayed floor), its final weights (no best-of selection) against
         the start on the same validation problems, paired. Converged: a mean gain of at most ``converged_gain``."""
         b = self.budget
-        cell = f"converged_s{seed}"
+        tag = f"_x{k}" if k else ""  # the check after extension k (Study.start)
+        cell = f"converged_s{seed}{tag}"
         done = self._done(cell)
         if done:
             return done
@@ -324,13 +370,14 @@ class Study:
                 "--summary.splits", '["validation"]', "--summary.pair_validation", "true",
                 "--summary.phase_checkpoints", "false", "--checkpoint.save_last", "false",
                 "--checkpoint.every_n_train_steps", "null", "--trainer.limit_val_batches", "0"]
-        vdir = self._run(args, "converged", f"seed{seed}", cell)
+        vdir = self._run(args, "converged", f"seed{seed}{tag}", cell)
         rows = {r["phase"]: r for r in json.loads((vdir / "summary.json").read_text())["phases"]}
         end = rows["sft_continue"]
         gain, half = end["val_paired_diff"], end["val_paired_ci95"]
         return self._finish(cell, {"start_val": rows["start"]["val_pass@1"], "end_val": end["val_pass@1"],
                                    "val_n": end["val_paired_n"], "gain": gain, "gain_ci95": half,
                                    "lr": b.converged_lr, "steps": b.grpo_steps, "converged": gain <= b.converged_gain,
+                                   "start": start, "extension": k,
                                    "seconds": round(time.perf_counter() - t, 1)})
 
     def train_arm(self, seed: int, arm: str, start: str) -> dict:
@@ -388,14 +435,12 @@ class Study:
         """Every cell not finished yet: the Coconut starts (in parallel), then each seed's start evaluation
         and each (seed, arm) training + evaluation chain (in parallel, ``jobs`` at a time)."""
         try:
-            first = self.coconut(0)
+            first = self.start(0)
             if self.diversity and not (self.out / "diversity.csv").exists():
                 self.run_diversity(first)
             with ThreadPoolExecutor(self.jobs) as pool:
-                starts = dict(zip(range(self.seeds), pool.map(self.coconut, range(self.seeds))))
+                starts = dict(zip(range(self.seeds), pool.map(self.start, range(self.seeds))))  # checked, extended
                 chains = [pool.submit(self.evaluate, s, "coconut", starts[s], None) for s in range(self.seeds)]
-                if self.budget.converged_lr is not None:
-                    chains += [pool.submit(self.converged, s, starts[s]) for s in range(self.seeds)]
                 chains += [pool.submit(self._arm_chain, s, arm, starts[s]) for s in range(self.seeds)
                            for arm in self.arms]
                 for c in chains:
@@ -407,7 +452,8 @@ class Study:
     def _arm_chain(self, seed: int, arm: str, start: str) -> dict:
         if self._done(f"test_{arm}_s{seed}"):
             return self._done(f"test_{arm}_s{seed}")
-        arm_start = str(Path(start).with_name("phase-cot.ckpt")) if get_arm(arm).start == "cot" else start
+        # the CoT model sits beside the curriculum's checkpoint (an extended start is elsewhere)
+        arm_start = str(Path(self.coconut(seed)).with_name("phase-cot.ckpt")) if get_arm(arm).start == "cot" else start
         tr = self.train_arm(seed, arm, arm_start)
         if not Path(tr["ckpt"]).exists():  # trained on another machine: train again (deterministic)
             (self.cells / f"train_{arm}_s{seed}.json").unlink()

@@ -81,16 +81,21 @@ class StudyReport:
             rows.append([arm, len(rs), *cells, f"{sum(fz) / len(fz):.2f}" if fz else "-"])
         lines += [markdown_table(["arm", "seeds", "pass@1 (greedy, unperturbed)", "sampled pass@1", f"maj@{k}",
                                   f"pass@{k}", "frac_zero_std (train)"], rows)]
-        checks = [(s, self._done(f"converged_s{s}")) for s in range(self.seeds)]
-        if any(c for _, c in checks):
+        checks = [(s, k, c) for s in range(self.seeds) for k in range(self.budget.max_extensions + 1)
+                  if (c := self._done(f"converged_s{s}" + (f"_x{k}" if k else "")))]
+        if checks:
+            b = self.budget
             lines += ["", "## Converged check of each start", "",
-                      f"`sft_continue` from the start for {self.budget.grpo_steps} steps at lr {self.budget.converged_lr:g}, "
+                      f"`sft_continue` from the start for {b.grpo_steps} steps at lr {b.converged_lr:g}, "
                       f"its final weights against the start on the same validation problems (paired, points); "
-                      f"converged: a gain of at most {100 * self.budget.converged_gain:g} point(s).", ""]
-            lines += [markdown_table(["seed", "start val", "after", "gain ± 95%", "n", "converged"],
-                                     [[s, f"{100 * c['start_val']:.1f}", f"{100 * c['end_val']:.1f}",
+                      f"converged: a gain of at most {100 * b.converged_gain:g} point(s). A start that fails trains "
+                      f"{b.extension_steps} more steps of its fully latent stage at that lr and is checked again "
+                      f"(at most {b.max_extensions} times); the arms start from the last one.", ""]
+            lines += [markdown_table(["seed", "steps added at the floor", "start val", "after", "gain ± 95%", "n",
+                                      "converged"],
+                                     [[s, k * b.extension_steps, f"{100 * c['start_val']:.1f}", f"{100 * c['end_val']:.1f}",
                                        f"{100 * c['gain']:+.2f} ± {100 * c['gain_ci95']:.2f}", c["val_n"],
-                                       "yes" if c["converged"] else "**no**"] for s, c in checks if c])]
+                                       "yes" if c["converged"] else "**no**"] for s, k, c in checks])]
         compute = {arm: [{**tr["compute"], "seconds": tr["seconds"]} for s in range(self.seeds)
                          if (tr := self._done(f"train_{arm}_s{s}")) and "compute" in tr] for arm in self.arms}
         if any(compute.values()):

@@ -249,12 +249,44 @@ def test_the_converged_check_pairs_sft_continue_at_the_floor_lr_with_its_start(t
     assert c["converged"] == (c["gain"] <= 0.01)
     md = (st.out / "results.md").read_text()
     assert "## Converged check of each start" in md
-    assert f"| 0 | {100 * c['start_val']:.1f} | {100 * c['end_val']:.1f} | {100 * c['gain']:+.2f} ± " in md
+    assert f"| 0 | 0 | {100 * c['start_val']:.1f} | {100 * c['end_val']:.1f} | {100 * c['gain']:+.2f} ± " in md
     # the tiny model at a tiny lr: the same answers, a gain of exactly 0, converged
     st2 = Study(tmp_path / "out2", seeds=1, arms=(), budget=replace(b, converged_lr=1.0e-12),
                 work=tmp_path / "work2", diversity=False)
     c2 = st2.converged(0, json.loads((st.cells / "coconut_s0.json").read_text())["ckpt"])
     assert c2["gain"] == 0.0 and c2["converged"] and c2["start_val"] == c["start_val"]
+
+
+@pytest.mark.slow
+def test_a_start_that_fails_its_check_trains_longer_at_the_floor(tmp_path):
+    """Issue 22: "a start that fails it trains longer". A check no start can pass (a gain of at most -1) makes
+    the study extend the start once (max_extensions 1): its fully latent stage at the floor lr from the start's
+    weights, checked again; the arms then start from the extension, the CoT arm still from the curriculum's
+    CoT model, and the report lists both checks."""
+    from dataclasses import replace
+
+    import torch
+
+    from lightning_latent.experiments.study import BUDGETS, Study
+
+    b = replace(BUDGETS["tiny"], converged_lr=3.0e-2, converged_gain=-1.0, max_extensions=1, extension_steps=2,
+                final_stage=3)
+    st = Study(tmp_path / "out", seeds=1, arms=("none",), budget=b, work=tmp_path / "work", diversity=False)
+    st.run()
+    start = json.loads((st.cells / "start_s0.json").read_text())
+    base = json.loads((st.cells / "coconut_s0.json").read_text())["ckpt"]
+    ext = json.loads((st.cells / "extend_s0_x1.json").read_text())
+    assert start == {"ckpt": ext["ckpt"], "extensions": 1, "converged": False}
+    assert ext["from"] == base and ext["steps"] == 2 and ext["lr"] == 3.0e-2 and "/extend/seed0_x1/" in ext["ckpt"]
+    c0, c1 = (json.loads((st.cells / f"{n}.json").read_text()) for n in ("converged_s0", "converged_s0_x1"))
+    assert (c0["start"], c0["extension"], c1["start"], c1["extension"]) == (base, 0, ext["ckpt"], 1)
+    cfg = (st.tb / "extend" / "seed0_x1" / "config.yaml").read_text()
+    assert "name: coconut_floor" in cfg and "lr: 0.03" in cfg and f"init_from: {base}" in cfg
+    w0, w1 = (torch.load(f, map_location="cpu", weights_only=False)["state_dict"] for f in (base, ext["ckpt"]))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # it trained
+    assert "init_from: " + ext["ckpt"] in (st.tb / "none" / "seed0" / "config.yaml").read_text()
+    md = (st.out / "results.md").read_text()
+    assert "| 0 | 0 |" in md and "| 0 | 2 |" in md and md.count("**no**") == 2
 
 
 def test_a_converged_budget_starts_from_the_probes_run_and_passes_each_arm_its_noise(tmp_path, monkeypatch):
