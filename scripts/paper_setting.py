@@ -34,13 +34,16 @@ def main() -> None:
     ap.add_argument("--study-out", type=Path, default=REPO / "docs" / "results" / "ablation")
     ap.add_argument("--start0", help="seed 0's p_train 0.1 start: the task's difficulty probe's last.ckpt")
     ap.add_argument("--grid-steps", type=int, default=300, help="RL steps of each grid trial")
+    ap.add_argument("--ptrain-lr", type=float, default=None,
+                    help="GRPO lr of the p_train step's dropout_greedy cells (default: dropout_grpo.yaml's)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--max-seeds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per cell (two cells run side by side)")
     ap.add_argument("--until", choices=STEPS, default=STEPS[-1], help="stop after this step")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    ps = PaperSetting(a.task, a.work, a.out, a.study_out, a.start0, a.grid_steps, a.seeds, a.max_seeds, a.threads)
+    ps = PaperSetting(a.task, a.work, a.out, a.study_out, a.start0, a.grid_steps, a.seeds, a.max_seeds, a.threads,
+                      ptrain_lr=a.ptrain_lr)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout
     ps.note(f"paper_setting {a.task} until {a.until}: commit {commit.strip() or '?'}, "
             f"CPU {torch.backends.cpu.get_cpu_capability()}, {a.threads} thread(s) per cell")

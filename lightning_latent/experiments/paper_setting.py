@@ -137,7 +137,8 @@ class PaperSetting:
 
     def __init__(self, task: str, work: str | Path, out: str | Path, study_out: str | Path,
                  start0: str | None = None, grid_steps: int = 300, seeds: int = 5, max_seeds: int = 10,
-                 threads: int = 1, budgets: dict | None = None, sweep_sets: tuple[str, ...] = ()):
+                 threads: int = 1, budgets: dict | None = None, sweep_sets: tuple[str, ...] = (),
+                 ptrain_lr: float | None = None):
         from .study import BUDGETS
 
         if task not in TASKS:
@@ -151,6 +152,8 @@ class PaperSetting:
         if budget_name(task, 0.1) not in self.budgets:
             raise ValueError(f"task {task!r} has no study budget (study.BUDGETS: converged_<task>)")
         self.sweep_sets = sweep_sets  # extra --set of every sweep (tests: a tiny model)
+        # the GRPO lr of the p_train step's dropout_greedy cells (None: dropout_grpo.yaml's), before the recipe exists
+        self.ptrain_lr = ptrain_lr
         self.work.mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -193,7 +196,8 @@ class PaperSetting:
         return self.choices()
 
     def _ptrain_study(self, p: float):
-        return self.study(f"p_train/pt{p:g}", p, 1, ("dropout_greedy",), self.out / "p_train" / f"pt{p:g}", 1)
+        lr = {"grpo": {"model.optim.grpo_lr": self.ptrain_lr}} if self.ptrain_lr else None
+        return self.study(f"p_train/pt{p:g}", p, 1, ("dropout_greedy",), self.out / "p_train" / f"pt{p:g}", 1, lr)
 
     def step_ptrain(self) -> None:
         if "p_train" in self.choices():
@@ -218,6 +222,7 @@ class PaperSetting:
         chosen = choose_p_train({p: r["gain"] for p, r in rows.items()})
         self.flag_unconverged(self._ptrain_study(chosen), 1)
         self.choose("p_train", {"chosen": chosen, "rule": "largest dropout_greedy validation gain (best - start)",
+                                "grpo_lr": self.ptrain_lr,
                                 "rates": {f"{p:g}": r for p, r in rows.items()}})
 
     def start(self) -> str:

@@ -181,3 +181,17 @@ def test_the_report_puts_the_primary_comparisons_first(tmp_path):
     assert "+25.0 ± 0.0" in rows[0] and "+25.0 ± 0.0" in rows[1]  # one more problem of 4 on both seeds
     assert not any(r.startswith("| dropout_shared − temperature |") for r in rows)  # not twice
     assert (tmp_path / "training_curves.png").exists()
+
+
+def test_the_p_train_cells_run_at_their_own_lr_and_rate(tmp_path):
+    """The p_train step's dropout_greedy cells: rollout p = p_train (the rate's budget) and, with ptrain_lr,
+    that GRPO lr (the recipe does not exist yet); the start trains at p_train."""
+    ps = PaperSetting("p4_40", tmp_path / "w", tmp_path / "o", tmp_path / "s", ptrain_lr=1e-5)
+    for p in (0.05, 0.1, 0.2):
+        st = ps._ptrain_study(p)
+        args = st._arm_args(0, "dropout_greedy", "S.ckpt", 300)
+        assert args[args.index("--model.optim.grpo_lr") + 1] == "1e-05"
+        assert args[len(args) - 1 - args[::-1].index("--model.perturb.p") + 1] == str(p)  # the last one wins
+        assert st.budget.common[-2:] == ["--model.perturb.p_train", str(p)] and st.arms == ("dropout_greedy",)
+    assert "--model.optim.grpo_lr" not in PaperSetting("p4_40", tmp_path / "w", tmp_path / "o", tmp_path / "s") \
+        ._ptrain_study(0.1)._arm_args(0, "dropout_greedy", "S.ckpt", 300)
