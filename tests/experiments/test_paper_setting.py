@@ -123,7 +123,7 @@ def test_the_grids_are_the_planned_ones(chosen):
     assert cfg.task == "p4_40" and cfg.init_from == str(start) and args[args.index("--n-trials") + 1] == "18"
     assert cfg.args["model.schedule"] == [{"kind": "grpo", "steps": 150, "name": "recipe"}]
     assert cfg.args["model.perturb.p"] == 0.2 == cfg.args["model.perturb.p_train"]
-    assert cfg.space["model.optim.grpo_lr"]["choices"] == [2.0e-5, 5.0e-5, 1.0e-4]
+    assert cfg.space["model.optim.grpo_lr"]["choices"] == [5.0e-6, 1.0e-5, 2.0e-5]
     assert cfg.objective["mean_over"] == "model.perturb.arm"
     grids = ps.noise_sets()
     cfg, _ = _config(ps, "noise_dropout", "paper_noise.yaml", grids["noise_dropout"][0], 9)
