@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..metrics import mean_and_ci95
 from .processes import REPO_ROOT
-from .study_report import PRIMARY
+from .study_report import PRIMARY, converged_cell
 from .tasks import TASKS
 
 log = logging.getLogger("lightning_latent.experiments.paper_setting")
@@ -46,9 +46,13 @@ RECIPE_ARMS = ("temperature", "dropout_shared", "dropout_greedy")  # the recipe'
 TEMPERATURES = (0.7, 1.0, 1.3)
 SCALES = (0.05, 0.1, 0.2)
 STEPS = ("diversity", "ptrain", "recipe", "noise", "study", "pt0", "extend")
-# seed 0's start and its cells, computed in the p_train step (converged_s0_x<k> / extend_s0_x<k>: its extensions)
-ADOPTED = ("coconut_s0", "start_s0", "test_coconut_s0", "converged_s0", "val_start_latent_s0",
-           *(f"{c}_s0_x{k}" for k in (1, 2, 3) for c in ("converged", "extend")))
+# seed 0's start and its cells, computed in the p_train step (with its extensions: adopted_cells)
+ADOPTED = ("coconut_s0", "start_s0", "test_coconut_s0", "converged_s0", "val_start_latent_s0")
+
+
+def adopted_cells(max_extensions: int) -> tuple[str, ...]:
+    """:data:`ADOPTED` and the cells of seed 0's extensions and their checks (Study.start)."""
+    return (*ADOPTED, *(c for k in range(1, max_extensions + 1) for c in (converged_cell(0, k), f"extend_s0_x{k}")))
 
 
 def budget_name(task: str, p_train: float) -> str:
@@ -318,7 +322,7 @@ class PaperSetting:
         c = self.choices()
         st = self.study("study", c["p_train"]["chosen"], seeds, ARMS, self.study_out, 2, c["settings"], diversity=True)
         src = self._ptrain_study(c["p_train"]["chosen"]).cells
-        for cell in ADOPTED:  # seed 0's start, its test, converged check and validation: computed in step 1
+        for cell in adopted_cells(st.budget.max_extensions):  # computed in the p_train step
             if (src / f"{cell}.json").exists() and not (st.cells / f"{cell}.json").exists():
                 shutil.copy(src / f"{cell}.json", st.cells / f"{cell}.json")
         return st

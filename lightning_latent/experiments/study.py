@@ -41,6 +41,7 @@ from ..model.arms import get_arm, study_arms
 from .cell_worker import CellWorker
 from .processes import REPO_ROOT, RUN_SCRIPT, run_process, shell_line
 from .reporting import scalars, write_csv
+from .study_report import converged_cell
 from .tasks import FLOOR_LR, TASKS, schedule_args, task_args
 
 log = logging.getLogger("lightning_latent.experiments.study")
@@ -360,8 +361,7 @@ class Study:
         budget's ``converged_lr`` (the start's decayed floor), its final weights (no best-of selection) against
         the start on the same validation problems, paired. Converged: a mean gain of at most ``converged_gain``."""
         b = self.budget
-        tag = f"_x{k}" if k else ""  # the check after extension k (Study.start)
-        cell = f"converged_s{seed}{tag}"
+        cell = converged_cell(seed, k)  # k: the check after extension k (Study.start)
         done = self._done(cell)
         if done:
             return done
@@ -370,7 +370,7 @@ class Study:
                 "--summary.splits", '["validation"]', "--summary.pair_validation", "true",
                 "--summary.phase_checkpoints", "false", "--checkpoint.save_last", "false",
                 "--checkpoint.every_n_train_steps", "null", "--trainer.limit_val_batches", "0"]
-        vdir = self._run(args, "converged", f"seed{seed}{tag}", cell)
+        vdir = self._run(args, "converged", cell.replace("converged_s", "seed"), cell)
         rows = {r["phase"]: r for r in json.loads((vdir / "summary.json").read_text())["phases"]}
         end = rows["sft_continue"]
         gain, half = end["val_paired_diff"], end["val_paired_ci95"]

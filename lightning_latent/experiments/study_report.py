@@ -20,6 +20,11 @@ PRIMARY = (("dropout_shared", "temperature"), ("dropout_greedy", "none"))
 MIN_TREND_POINTS = 50  # a training-reward curve judged by reward_trend: at least this many logged steps
 
 
+
+def converged_cell(seed: int, k: int = 0) -> str:
+    """The cell of a start's converged check: ``converged_s<seed>``, and after extension ``k`` ``..._x<k>``."""
+    return f"converged_s{seed}" + (f"_x{k}" if k else "")
+
 class StudyReport:
     """The report of a study: its output folder ``out``, TensorBoard root ``tb``, finished cells under
     ``cells``, and what it ran (``seeds``, ``arms``, ``budget``: a :class:`~.study.Budget`). ``t0``: when the
@@ -82,7 +87,7 @@ class StudyReport:
         lines += [markdown_table(["arm", "seeds", "pass@1 (greedy, unperturbed)", "sampled pass@1", f"maj@{k}",
                                   f"pass@{k}", "frac_zero_std (train)"], rows)]
         checks = [(s, k, c) for s in range(self.seeds) for k in range(self.budget.max_extensions + 1)
-                  if (c := self._done(f"converged_s{s}" + (f"_x{k}" if k else "")))]
+                  if (c := self._done(converged_cell(s, k)))]
         if checks:
             b = self.budget
             lines += ["", "## Converged check of each start", "",

@@ -144,12 +144,13 @@ def test_seed_0_of_the_study_is_the_chosen_rates_start(chosen):
     ps, start = chosen
     ps.choose("settings", {"grpo": {"model.optim.grpo_lr": 2e-5}, "arms": {}})
     src = ps._ptrain_study(0.2).cells
-    for cell in (*ADOPTED, "train_dropout_greedy_s0"):
+    extension = ("converged_s0_x1", "extend_s0_x1")  # seed 0's start failed its first check once
+    for cell in (*ADOPTED, *extension, "train_dropout_greedy_s0"):
         (src / f"{cell}.json").write_text(json.dumps({"ckpt": str(start), "cell": cell}))
     st = ps._main_study(5)
     assert st.budget.settings["grpo"] == {"model.optim.grpo_lr": 2e-5} and st.seeds == 5 and st.jobs == 2
     assert st.budget.common[-1] == "0.2"  # the p_train 0.2 budget
-    assert sorted(f.stem for f in st.cells.glob("*.json")) == sorted(ADOPTED)
+    assert sorted(f.stem for f in st.cells.glob("*.json")) == sorted((*ADOPTED, *extension))
     assert st.coconut(0) == str(start)
     with pytest.raises(SystemExit, match="for task"):
         PaperSetting("p5_20", ps.work, ps.out, ps.study_out).choose("x", 1)
