@@ -20,10 +20,10 @@ PRIMARY = (("dropout_shared", "temperature"), ("dropout_greedy", "none"))
 MIN_TREND_POINTS = 50  # a training-reward curve judged by reward_trend: at least this many logged steps
 
 
-
 def converged_cell(seed: int, k: int = 0) -> str:
     """The cell of a start's converged check: ``converged_s<seed>``, and after extension ``k`` ``..._x<k>``."""
     return f"converged_s{seed}" + (f"_x{k}" if k else "")
+
 
 class StudyReport:
     """The report of a study: its output folder ``out``, TensorBoard root ``tb``, finished cells under
