@@ -14,6 +14,7 @@ module (through :mod:`lightning_latent.experiments.hparams`) and needs neither.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
@@ -76,9 +77,16 @@ def write_csv(path: str | Path, table: pd.DataFrame | Sequence[Mapping[str, Any]
 
 # -- TensorBoard event files ---------------------------------------------------------------------------
 def read_events(logdir: str | Path) -> EventAccumulator:
-    """All events under one run directory, nothing subsampled (TensorBoard keeps only some by default)."""
+    """All events under one run directory, nothing subsampled (TensorBoard keeps only some by default).
+
+    TensorBoard's reader logs a line per event file at INFO ("No path found after ..."); a study's driver
+    logs at INFO and reads hundreds of files, so its ``tensorboard`` logger is raised to WARNING unless the
+    caller has set a level for it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    tb_log = logging.getLogger("tensorboard")
+    if tb_log.level == logging.NOTSET:
+        tb_log.setLevel(logging.WARNING)
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
