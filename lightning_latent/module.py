@@ -33,7 +33,7 @@ from .rl.reference import Reference
 from .rl.rewards import get_reward
 from .rl.rollout import rollout, rollout_seed, rollout_stats
 from .rl.update import GRPOConfig, grpo_update
-from .schedule import Phase, PlateauWatch, Schedule, Segment, default_schedule, flatten
+from .schedule import Phase, PlateauWatch, Schedule, Segment, default_schedule, flatten, place_mismatch
 from .supervised import supervised_loss
 
 log = logging.getLogger("lightning_latent")
@@ -276,6 +276,13 @@ class LatentReasoner(L.LightningModule):
         if st is None:
             raise ValueError("checkpoint has no schedule_state: not written by lightning-latent")
         self.schedule.load_state_dict(st)
+        if (why := place_mismatch(st, self.segment)) is not None:
+            # evaluating at another stage than the model was trained for is a wrong number, not a warning;
+            # a resumed fit may be given a longer phase, which can move a phase-end checkpoint's next step
+            if self._trainer is not None and self._trainer.state.fn == "fit":
+                log.warning("resuming: %s", why)
+            else:
+                raise ValueError(why)
         self.plateau.load_state_dict(st.get("plateau", {}), self.segments)
         self._reference_state, self.reference = checkpoint.get("grpo_reference"), None
         self.collapse.load_state_dict(checkpoint.get("collapse_guard", {}))

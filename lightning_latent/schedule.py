@@ -222,7 +222,31 @@ class Segment:
     def cot_layout(self) -> bool:
         """Whether prompts and examples use the CoT phase's layout (no latent markers): the CoT phase,
         and GRPO / supervised phases at stage 0 (GRPO on a CoT model, the ``cot_grpo`` arm)."""
-        return self.kind == "cot" or (self.stage == 0 and self.kind in ("grpo", "sft"))
+        return uses_cot_layout(self.kind, self.stage)
+
+
+def uses_cot_layout(kind: str, stage: int) -> bool:
+    """:attr:`Segment.cot_layout` of a segment of this kind at this stage (also for a checkpoint's record)."""
+    return kind == "cot" or (stage == 0 and kind in ("grpo", "sft"))
+
+
+def place_mismatch(state: dict, segment: Segment) -> str | None:
+    """Why a checkpoint's recorded place (``schedule_state``: the stage and layout of its next step) differs
+    from ``segment``, where the configured schedule puts that step; None when they agree (or the record is
+    too old to say). Evaluation runs at the segment's stage and layout, so a checkpoint given a schedule other
+    than its own, e.g. a start trained longer by its own one-phase schedule, tested under the full
+    curriculum's, would be scored at the wrong stage: 1,000 steps into the curriculum is its CoT phase."""
+    if "stage" not in state or "kind" not in state:
+        return None
+    saved = (int(state["stage"]), uses_cot_layout(state["kind"], int(state["stage"])))
+    if saved == (segment.stage, segment.cot_layout):
+        return None
+    def layout(cot: bool) -> str:
+        return "the CoT layout" if cot else "the latent layout"
+    return (f"the checkpoint was saved at step {state.get('step_count')} of its phase {state.get('phase')!r} "
+            f"(stage {saved[0]}, {layout(saved[1])}), but the configured schedule puts that step in "
+            f"{segment.name!r} (stage {segment.stage}, {layout(segment.cot_layout)}): give the schedule it was "
+            f"trained with (its run's config.yaml), or start from its weights with --model.init_from")
 
 
 def default_schedule() -> list[Phase]:

@@ -17,6 +17,7 @@ from lightning_latent.schedule import (
     default_schedule,
     flatten,
     locate,
+    place_mismatch,
     set_lengths,
 )
 
@@ -238,3 +239,20 @@ def test_a_plateau_starts_the_decay_early_and_a_resume_keeps_it():
                               Phase("grpo", steps=3)], 1, BATCH, LR))
     fresh.load_state_dict(state)
     assert fresh.segments[0].steps == 10 and fresh.segments[0].decay_after == 6 and fresh.total == 13
+
+
+def test_place_mismatch_names_a_checkpoint_given_another_schedule():
+    """A start trained longer by its own one-phase schedule (1,000 steps at stage 4, finished) and then given
+    the full curriculum's schedule would be evaluated at the curriculum's step 1,000: its CoT phase."""
+    floor = Schedule(flatten([Phase("coconut", steps=4, stages=[2], name="coconut_floor")], 2, BATCH, LR))
+    floor.step = 4  # finished: its place is its last segment's
+    state = floor.state_dict()
+    assert place_mismatch(state, floor.segment) is None
+    curriculum = Schedule(_segments())
+    curriculum.load_state_dict(state)  # the step counter only: another schedule's lengths are not applied
+    why = place_mismatch(state, curriculum.segment)
+    assert why is not None and "'coconut_floor' (stage 2, the latent layout)" in why
+    assert "'cot' (stage 0, the CoT layout)" in why and "config.yaml" in why
+    # the same stage and layout under another phase name (a test config's GRPO phase) is the same place
+    assert place_mismatch({"stage": 2, "kind": "grpo", "phase": "dropout_greedy"}, floor.segment) is None
+    assert place_mismatch({"step_count": 3}, curriculum.segment) is None  # a record too old to tell

@@ -311,14 +311,24 @@ class Study:
         if b.final_stage is None:
             raise ValueError("extending a start needs Budget.final_stage (its fully latent stage)")
         t = time.perf_counter()
-        phase = {"kind": "coconut", "steps": b.extension_steps, "stages": [b.final_stage], "lr": b.converged_lr,
-                 "name": "coconut_floor"}
         vdir = self._run(["fit", "--config", str(CONFIGS / b.start_config), *self._seed_args(seed), *b.coconut_args,
-                          "--model.init_from", start, "--model.schedule", json.dumps([phase])],
+                          "--model.init_from", start, *self._extension_schedule()],
                          "extend", f"seed{seed}_x{k}", cell, resumable=True)
         return self._finish(cell, {"ckpt": str(vdir / "checkpoints" / "last.ckpt"), "from": start,
                                    "steps": b.extension_steps, "lr": b.converged_lr,
                                    "seconds": round(time.perf_counter() - t, 1)})["ckpt"]
+
+    def _extension_schedule(self) -> list[str]:
+        """The one-phase schedule of an extension: its fully latent stage at the floor lr. Its checkpoint is
+        tested under it too: the curriculum's schedule would put its step 1,000 in the CoT phase."""
+        b = self.budget
+        phase = {"kind": "coconut", "steps": b.extension_steps, "stages": [b.final_stage], "lr": b.converged_lr,
+                 "name": "coconut_floor"}
+        return ["--model.schedule", json.dumps([phase])]
+
+    def _is_extension(self, seed: int, ckpt: str) -> bool:
+        return any((d := self._done(f"extend_s{seed}_x{k}")) and d["ckpt"] == ckpt
+                   for k in range(1, self.budget.max_extensions + 1))
 
     def _arm_args(self, seed: int, arm: str, start: str, steps: int, sft_lr: float = 1.0e-4) -> list[str]:
         """``fit`` of ``arm`` from ``start`` for ``steps`` steps, with the budget's validation."""
@@ -423,8 +433,8 @@ class Study:
         else:
             args += ["--model.evaluation.temperature", "1.0",
                      "--model.evaluation.perturb", json.dumps({"arm": "dropout_shared", "p": b.eval_p})]
-        if arm_cfg is None:
-            args += b.coconut_args
+        if arm_cfg is None:  # the start, under the schedule it was trained with (an extension's own, last)
+            args += [*b.coconut_args, *(self._extension_schedule() if self._is_extension(seed, ckpt) else [])]
         t = time.perf_counter()
         vdir = self._run(args, f"test_{tag}", f"seed{seed}", cell)
         rows = [json.loads(line) for line in (vdir / "predictions_test.jsonl").read_text().splitlines()]

@@ -285,6 +285,12 @@ def test_a_start_that_fails_its_check_trains_longer_at_the_floor(tmp_path):
     w0, w1 = (torch.load(f, map_location="cpu", weights_only=False)["state_dict"] for f in (base, ext["ckpt"]))
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # it trained
     assert "init_from: " + ext["ckpt"] in (st.tb / "none" / "seed0" / "config.yaml").read_text()
+    # the start's test cell scores the extension at its own stage (under the curriculum's schedule its step 2
+    # would be the coconut phase's stage 1, and the test refuses such a checkpoint)
+    import yaml
+
+    sched = yaml.safe_load((st.tb / "test_coconut" / "seed0" / "config.yaml").read_text())["model"]["schedule"]
+    assert [(ph["name"], ph["stages"]) for ph in sched] == [("coconut_floor", [3])]
     md = (st.out / "results.md").read_text()
     assert "| 0 | 0 |" in md and "| 0 | 2 |" in md and md.count("**no**") == 2
 

@@ -186,3 +186,18 @@ def test_last_checkpoint_is_the_final_step(tmp_path):
     ck = torch.load(tmp_path / "logs" / "default" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu",
                     weights_only=False)
     assert ck["schedule_state"]["step_count"] == 7 and ck["global_step"] == 9
+
+
+@pytest.mark.slow
+def test_testing_a_checkpoint_under_another_schedule_names_the_mismatch(tmp_path):
+    """A start trained longer by its own one-phase schedule (what the study's converged check does) and then
+    tested under the full curriculum's schedule was scored at the curriculum's step 2: its CoT phase, a wrong
+    number (8.1% for a 35% fully latent model). Now that is an error naming both places; the checkpoint's own
+    schedule tests it."""
+    floor = '[{"kind":"coconut","steps":2,"stages":[2],"name":"coconut_floor"}]'
+    run(["fit", *TINY, "--model.schedule", floor, "--trainer.val_check_interval", "100"], tmp_path)
+    ckpt = tmp_path / "logs" / "default" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.raises(AssertionError, match=r"'coconut_floor' \(stage 2, the latent layout\).*'cot' \(stage 0"):
+        run(["test", *TINY, "--model.schedule", SCHED, "--ckpt_path", str(ckpt)], tmp_path)
+    p = run(["test", *TINY, "--model.schedule", floor, "--ckpt_path", str(ckpt)], tmp_path)
+    assert "test/pass@1" in p.stdout + p.stderr
