@@ -29,6 +29,22 @@ KNOWN_LOG_LINES: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Loggers whose INFO lines are per-file chatter, raised to WARNING where we use them (unless the caller set
+#: a level for them: a user who asks for the chatter keeps it).
+CHATTY_LOGGERS: tuple[tuple[str, str], ...] = (
+    ("tensorboard", "TensorBoard's event reader logs 'No path found after <event file>' at INFO for every file "
+                    "it reads; a study driver logs at INFO and reads hundreds (reporting.read_events)"),
+)
+
+
+def quiet_chatty_loggers() -> None:
+    """:data:`CHATTY_LOGGERS` to WARNING, each unless its level was set (idempotent)."""
+    for name, _why in CHATTY_LOGGERS:
+        lg = logging.getLogger(name)
+        if lg.level == logging.NOTSET:
+            lg.setLevel(logging.WARNING)
+
+
 class _DropKnownLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()

@@ -62,10 +62,16 @@ def _flat_grad(params: list[torch.nn.Parameter]) -> Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
 
 
-def grpo_gradient(module, setting: DiversitySetting, records: list, k: int, seed: int, step: int) -> tuple[Tensor, float]:
-    """The policy gradient of one GRPO batch (``records`` x ``k`` rollouts under ``setting``'s noise) and the
-    batch's mean reward."""
-    stage = module.segments[-1].stage
+def arms_stage(module) -> int:
+    """The stage the arms train at: a GRPO or ``sft_continue`` phase with no stages given (the final one)."""
+    return module.curriculum.max_latent_stage + 1
+
+
+def grpo_gradient(module, setting: DiversitySetting, records: list, k: int, seed: int, step: int,
+                  stage: int | None = None, cot_layout: bool = False) -> tuple[Tensor, float]:
+    """The policy gradient of one GRPO batch (``records`` x ``k`` rollouts under ``setting``'s noise, at
+    ``stage``: the arms' by default) and the batch's mean reward. The module is left in eval mode, no grads."""
+    stage = arms_stage(module) if stage is None else stage
     cfg = replace(module.grpo_cfg, beta=0.0)
     pert = Perturber(module.model.lm, setting.perturb_config())
     params = [p for p in module.model.parameters() if p.requires_grad]
@@ -74,30 +80,35 @@ def grpo_gradient(module, setting: DiversitySetting, records: list, k: int, seed
         seeds = torch.tensor([rollout_seed(seed, step, r.idx, j) for r in records for j in range(k)], dtype=torch.long)
         with torch.no_grad():
             rb = rollout(module.model, pert, module.layout, records, stage, seeds, k, setting.temperature,
-                         cfg.max_new_tokens, module.reward_fn, module.tokenizer, module.segments[-1].cot_layout)
-        adv = group_advantages(rb.rewards, cfg.advantage, std_kind=cfg.advantage_std).flatten()
+                         cfg.max_new_tokens, module.reward_fn, module.tokenizer, cot_layout)
+        adv = group_advantages(rb.rewards, cfg.advantage, std_kind=cfg.advantage_std).flatten().to(rb.mask.device)
         module.model.train()
-        for p in params:
-            p.grad = None
         backward_micro_batches(module.model, pert, rb, adv, None, cfg, setting.temperature, 1.0, Tensor.backward)
         return _flat_grad(params), float(rb.rewards.float().mean())
     finally:
         pert.remove()
-        module.model.eval()
+        _clear(module, params)
 
 
-def sft_gradient(module, records: list, seed: int, step: int) -> Tensor:
-    """The supervised gradient of one batch at the final stage, under the start's training masks."""
+def sft_gradient(module, records: list, seed: int, step: int, stage: int | None = None,
+                 cot_layout: bool = False) -> Tensor:
+    """The supervised gradient of one batch (``sft_continue``'s: the arms' stage, the start's training masks).
+    The module is left in eval mode, no grads."""
+    stage = arms_stage(module) if stage is None else stage
     params = [p for p in module.model.parameters() if p.requires_grad]
+    try:
+        loss = supervised_loss(module.model, module.layout, records, stage, cot_layout, random.Random(f"{seed}/{step}"),
+                               module.device, module.train_perturber, seed, step)
+        loss.backward()
+        return _flat_grad(params)
+    finally:
+        _clear(module, params)
+
+
+def _clear(module, params: list[torch.nn.Parameter]) -> None:
     for p in params:
         p.grad = None
-    stage = module.segments[-1].stage
-    loss = supervised_loss(module.model, module.layout, records, stage, module.segments[-1].cot_layout,
-                           random.Random(f"{seed}/{step}"),
-                           module.device, module.train_perturber, seed, step)
-    loss.backward()
     module.model.eval()
-    return _flat_grad(params)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(a.seed)
     module = load_module(a.ckpt)
     syn = module.hparams["synthetic"]
-    first = a.seed * a.batches * a.prompts  # another seed, other prompts
+    first = a.seed * 10**6  # another seed, other prompts (whatever --batches and --prompts)
     batches = [[synthetic_record(syn, "train", first + i) for i in range(b * a.prompts, (b + 1) * a.prompts)]
                for b in range(a.batches)]
     settings = [("temperature", DiversitySetting("temperature", 0.0, temperature=1.0)),

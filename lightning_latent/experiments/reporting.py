@@ -14,7 +14,6 @@ module (through :mod:`lightning_latent.experiments.hparams`) and needs neither.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
@@ -79,14 +78,13 @@ def write_csv(path: str | Path, table: pd.DataFrame | Sequence[Mapping[str, Any]
 def read_events(logdir: str | Path) -> EventAccumulator:
     """All events under one run directory, nothing subsampled (TensorBoard keeps only some by default).
 
-    TensorBoard's reader logs a line per event file at INFO ("No path found after ..."); a study's driver
-    logs at INFO and reads hundreds of files, so its ``tensorboard`` logger is raised to WARNING unless the
-    caller has set a level for it."""
+    TensorBoard's reader logs a line per event file at INFO; a study's driver logs at INFO and reads hundreds
+    of files, so that logger is quieted (:func:`~lightning_latent.quiet.quiet_chatty_loggers`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb_log = logging.getLogger("tensorboard")
-    if tb_log.level == logging.NOTSET:
-        tb_log.setLevel(logging.WARNING)
+    from ..quiet import quiet_chatty_loggers
+
+    quiet_chatty_loggers()
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return acc

@@ -327,8 +327,13 @@ class Study:
         return ["--model.schedule", json.dumps([phase])]
 
     def _is_extension(self, seed: int, ckpt: str) -> bool:
+        """Whether ``ckpt`` is an extension of seed ``seed``'s start: as its start cell records it, else as an
+        extension cell does (a wrong answer fails loudly: the test refuses a checkpoint at another stage)."""
+        start = self._done(f"start_s{seed}")
+        if start and start["ckpt"] == ckpt:
+            return start.get("extensions", 0) > 0
         return any((d := self._done(f"extend_s{seed}_x{k}")) and d["ckpt"] == ckpt
-                   for k in range(1, self.budget.max_extensions + 1))
+                   for k in range(1, max(self.budget.max_extensions, 3) + 1))
 
     def _arm_args(self, seed: int, arm: str, start: str, steps: int, sft_lr: float = 1.0e-4) -> list[str]:
         """``fit`` of ``arm`` from ``start`` for ``steps`` steps, with the budget's validation."""
@@ -419,8 +424,9 @@ class Study:
     def evaluate(self, seed: int, tag: str, ckpt: str, arm_cfg: str | None) -> dict:
         cell = f"test_{tag}_s{seed}"
         done = self._done(cell)
-        if done:
-            return done
+        extension = arm_cfg is None and self._is_extension(seed, ckpt)
+        if done and not (extension and not done.get("extension")):  # (an extended start tested before b45b239:
+            return done                                               # in the CoT layout; it is tested again)
         b = self.budget
         cfgs = ["--config", str(CONFIGS / b.start_config)] if arm_cfg is None else \
             ["--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm_cfg}.yaml")]
@@ -434,11 +440,12 @@ class Study:
             args += ["--model.evaluation.temperature", "1.0",
                      "--model.evaluation.perturb", json.dumps({"arm": "dropout_shared", "p": b.eval_p})]
         if arm_cfg is None:  # the start, under the schedule it was trained with (an extension's own, last)
-            args += [*b.coconut_args, *(self._extension_schedule() if self._is_extension(seed, ckpt) else [])]
+            args += [*b.coconut_args, *(self._extension_schedule() if extension else [])]
         t = time.perf_counter()
         vdir = self._run(args, f"test_{tag}", f"seed{seed}", cell)
         rows = [json.loads(line) for line in (vdir / "predictions_test.jsonl").read_text().splitlines()]
-        return self._finish(cell, {**score(rows, b.k), "seconds": round(time.perf_counter() - t, 1)})
+        return self._finish(cell, {**score(rows, b.k), "seconds": round(time.perf_counter() - t, 1),
+                                   **({"extension": True} if extension else {})})
 
     # -- the study -----------------------------------------------------------------------------------
     def run(self) -> None:

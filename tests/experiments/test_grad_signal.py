@@ -38,10 +38,12 @@ def test_greedy_groups_without_noise_give_no_gradient_and_noise_gives_one(cot_ck
     module = load_module(cot_ckpt)
     recs = [synthetic_record(module.hparams["synthetic"], "train", i) for i in range(32)]
     n = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-    g_none, r_none = grpo_gradient(module, DiversitySetting("none", 0.0, temperature=0.0), recs, 4, 0, 0)
+    cot = {"stage": 0, "cot_layout": True}  # a CoT model: its own stage and layout
+    g_none, r_none = grpo_gradient(module, DiversitySetting("none", 0.0, temperature=0.0), recs, 4, 0, 0, **cot)
     assert g_none.shape == (n,) and torch.count_nonzero(g_none) == 0
-    g_t, r_t = grpo_gradient(module, DiversitySetting("temperature", 0.0, temperature=1.0), recs, 4, 0, 0)
+    g_t, r_t = grpo_gradient(module, DiversitySetting("temperature", 0.0, temperature=1.0), recs, 4, 0, 0, **cot)
     assert g_t.norm() > 0 and 0.0 < r_t < 1.0  # (some sampled answers are wrong: the groups differ)
-    again, _ = grpo_gradient(module, DiversitySetting("temperature", 0.0, temperature=1.0), recs, 4, 0, 0)
+    again, _ = grpo_gradient(module, DiversitySetting("temperature", 0.0, temperature=1.0), recs, 4, 0, 0, **cot)
     assert torch.equal(g_t, again)  # seeded rollouts: the same batch, the same gradient
-    assert sft_gradient(module, recs, 0, 0).norm() > 0
+    assert sft_gradient(module, recs, 0, 0, **cot).norm() > 0
+    assert not module.model.training and all(p.grad is None for p in module.model.parameters())

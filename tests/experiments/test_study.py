@@ -291,6 +291,12 @@ def test_a_start_that_fails_its_check_trains_longer_at_the_floor(tmp_path):
 
     sched = yaml.safe_load((st.tb / "test_coconut" / "seed0" / "config.yaml").read_text())["model"]["schedule"]
     assert [(ph["name"], ph["stages"]) for ph in sched] == [("coconut_floor", [3])]
+    tested = json.loads((st.cells / "test_coconut_s0.json").read_text())
+    assert tested["extension"] is True and tested["n_eval"] == b.test_limit
+    # a test cell of the extended start written before the fix (no "extension" record) is not trusted
+    stale = {k: v for k, v in tested.items() if k != "extension"}
+    (st.cells / "test_coconut_s0.json").write_text(json.dumps({**stale, "pass@1": -1.0}))
+    assert st.evaluate(0, "coconut", ext["ckpt"], None)["pass@1"] == tested["pass@1"]
     md = (st.out / "results.md").read_text()
     assert "| 0 | 0 |" in md and "| 0 | 2 |" in md and md.count("**no**") == 2
 
