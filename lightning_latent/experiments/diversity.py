@@ -92,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m lightning_latent.experiments.diversity CKPT --arm dropout_greedy --p 0 0.05 0.1 0.2``: the
     probe on validation prompts, one row per strength (CSV with ``--out``; one JSON line per row)."""
     import argparse
-    import json
 
     from ..checkpoints import load_module
     from ..data.synthetic import synthetic_record
-    from .reporting import write_csv
+    from .reporting import emit_rows
 
     ap = argparse.ArgumentParser(prog="python -m lightning_latent.experiments.diversity", description=main.__doc__)
     ap.add_argument("ckpt")
@@ -114,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     recs = [synthetic_record(module.hparams["synthetic"], "validation", i) for i in range(a.prompts)]
     temp = a.temperature if a.temperature is not None else (0.0 if get_arm(a.arm).greedy_answers else 1.0)
     rows = measure(module, recs, [DiversitySetting(a.arm, p, a.scope, temp) for p in a.p], k=a.k)
-    if a.out:
-        write_csv(a.out, rows)
-    for r in rows:
-        print(json.dumps(r))
-    return 0
+    return emit_rows(rows, a.out)
 
 
 if __name__ == "__main__":

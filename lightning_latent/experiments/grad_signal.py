@@ -116,11 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     temperature sampling, a frozen mask with greedy answers, and a mask with sampled answers, against the
     supervised gradient's; one JSON line per setting (``--out``: also a CSV)."""
     import argparse
-    import json
 
     from ..checkpoints import load_module
     from ..data.synthetic import synthetic_record
-    from .reporting import write_csv
+    from .reporting import emit_rows
 
     ap = argparse.ArgumentParser(prog="python -m lightning_latent.experiments.grad_signal", description=main.__doc__)
     ap.add_argument("ckpt")
@@ -149,11 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     grads = torch.stack([sft_gradient(module, recs, a.seed, b) for b, recs in enumerate(batches)])
     rows.append({"gradient": "sft (sft_continue)", "p": None, "answers": None, "batches": a.batches,
                  "prompts": a.prompts, "k": None, "reward": None, **signal_share(grads)})
-    if a.out:
-        write_csv(a.out, rows)
-    for r in rows:
-        print(json.dumps(r))
-    return 0
+    return emit_rows(rows, a.out)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,16 @@ def write_csv(path: str | Path, table: pd.DataFrame | Sequence[Mapping[str, Any]
     return path
 
 
+def emit_rows(rows: list[dict], out: str | Path | None = None) -> int:
+    """A probe's result (``diversity``, ``grad_signal``): one JSON line per row on stdout, and a CSV at ``out``
+    when given. Returns the exit status, 0."""
+    if out:
+        write_csv(out, rows)
+    for r in rows:
+        print(json.dumps(r))
+    return 0
+
+
 # -- TensorBoard event files ---------------------------------------------------------------------------
 def read_events(logdir: str | Path) -> EventAccumulator:
     """All events under one run directory, nothing subsampled (TensorBoard keeps only some by default).
