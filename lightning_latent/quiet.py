@@ -32,8 +32,8 @@ KNOWN_LOG_LINES: tuple[tuple[str, str], ...] = (
 #: Loggers whose INFO lines are per-file chatter, raised to WARNING where we use them (unless the caller set
 #: a level for them: a user who asks for the chatter keeps it).
 CHATTY_LOGGERS: tuple[tuple[str, str], ...] = (
-    ("tensorboard", "TensorBoard's event reader logs 'No path found after <event file>' at INFO for every file "
-                    "it reads; a study driver logs at INFO and reads hundreds (reporting.read_events)"),
+    ("tensorboard", ("TensorBoard's event reader logs 'No path found after <event file>' at INFO for every file "
+                     "it reads; a study driver logs at INFO and reads hundreds (reporting.read_events)")),
 )
 
 

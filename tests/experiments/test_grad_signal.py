@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from lightning_latent.experiments.diversity import DiversitySetting
-from lightning_latent.experiments.grad_signal import grpo_gradient, sft_gradient, signal_share
+from lightning_latent.experiments.grad_signal import (
+    grpo_gradient,
+    sft_gradient,
+    signal_share,
+)
 
 
 def test_signal_share_by_hand():
@@ -39,7 +43,7 @@ def test_greedy_groups_without_noise_give_no_gradient_and_noise_gives_one(cot_ck
     recs = [synthetic_record(module.hparams["synthetic"], "train", i) for i in range(32)]
     n = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     cot = {"stage": 0, "cot_layout": True}  # a CoT model: its own stage and layout
-    g_none, r_none = grpo_gradient(module, DiversitySetting("none", 0.0, temperature=0.0), recs, 4, 0, 0, **cot)
+    g_none, _ = grpo_gradient(module, DiversitySetting("none", 0.0, temperature=0.0), recs, 4, 0, 0, **cot)
     assert g_none.shape == (n,) and torch.count_nonzero(g_none) == 0
     g_t, r_t = grpo_gradient(module, DiversitySetting("temperature", 0.0, temperature=1.0), recs, 4, 0, 0, **cot)
     assert g_t.norm() > 0 and 0.0 < r_t < 1.0  # (some sampled answers are wrong: the groups differ)
