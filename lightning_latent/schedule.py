@@ -257,6 +257,12 @@ def default_schedule() -> list[Phase]:
             Phase("grpo", steps=40, name="dropout_grpo")]
 
 
+def final_stage(max_latent_stage: int) -> int:
+    """The stage past the curriculum's last, with every language step removed: where GRPO and supervised phases
+    train when given no stage."""
+    return max_latent_stage + 1
+
+
 def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str, int], default_lr: dict[str, float]
             ) -> list[Segment]:
     """Phases -> segments with absolute start steps; checks the stages against the curriculum."""
@@ -264,7 +270,7 @@ def flatten(phases: list[Phase], max_latent_stage: int, default_batch: dict[str,
         raise ValueError("schedule is empty: give at least one phase")
     segs: list[Segment] = []
     start = 0
-    final = max_latent_stage + 1
+    final = final_stage(max_latent_stage)
     for i, ph in enumerate(phases):
         if ph.kind == "cot":
             stages = [0]

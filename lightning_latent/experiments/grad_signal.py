@@ -27,6 +27,7 @@ from ..model.perturb import Perturber
 from ..rl.loss import group_advantages
 from ..rl.rollout import rollout, rollout_seed
 from ..rl.update import backward_micro_batches
+from ..schedule import final_stage
 from ..supervised import supervised_loss
 from .diversity import DiversitySetting
 
@@ -64,7 +65,7 @@ def _flat_grad(params: list[torch.nn.Parameter]) -> Tensor:
 
 def arms_stage(module) -> int:
     """The stage the arms train at: a GRPO or ``sft_continue`` phase with no stages given (the final one)."""
-    return module.curriculum.max_latent_stage + 1
+    return final_stage(module.curriculum.max_latent_stage)
 
 
 def grpo_gradient(module, setting: DiversitySetting, records: list, k: int, seed: int, step: int,

@@ -327,13 +327,11 @@ class Study:
         return ["--model.schedule", json.dumps([phase])]
 
     def _is_extension(self, seed: int, ckpt: str) -> bool:
-        """Whether ``ckpt`` is an extension of seed ``seed``'s start: as its start cell records it, else as an
-        extension cell does (a wrong answer fails loudly: the test refuses a checkpoint at another stage)."""
+        """Whether ``ckpt`` is seed ``seed``'s start after an extension, as its start cell (:meth:`start`) records
+        it. No start cell, no check and no extension; a wrong answer fails loudly (the test refuses a checkpoint
+        at another stage than its schedule's)."""
         start = self._done(f"start_s{seed}")
-        if start and start["ckpt"] == ckpt:
-            return start.get("extensions", 0) > 0
-        return any((d := self._done(f"extend_s{seed}_x{k}")) and d["ckpt"] == ckpt
-                   for k in range(1, max(self.budget.max_extensions, 3) + 1))
+        return bool(start and start["ckpt"] == ckpt and start.get("extensions", 0) > 0)
 
     def _arm_args(self, seed: int, arm: str, start: str, steps: int, sft_lr: float = 1.0e-4) -> list[str]:
         """``fit`` of ``arm`` from ``start`` for ``steps`` steps, with the budget's validation."""
@@ -425,8 +423,9 @@ class Study:
         cell = f"test_{tag}_s{seed}"
         done = self._done(cell)
         extension = arm_cfg is None and self._is_extension(seed, ckpt)
-        if done and not (extension and not done.get("extension")):  # (an extended start tested before b45b239:
-            return done                                               # in the CoT layout; it is tested again)
+        stale = extension and done and not done.get("extension")  # tested before b45b239: in the CoT layout
+        if done and not stale:
+            return done
         b = self.budget
         cfgs = ["--config", str(CONFIGS / b.start_config)] if arm_cfg is None else \
             ["--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm_cfg}.yaml")]
