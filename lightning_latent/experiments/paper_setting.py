@@ -51,8 +51,10 @@ ADOPTED = ("coconut_s0", "start_s0", "test_coconut_s0", "converged_s0", "val_sta
 
 
 def adopted_cells(max_extensions: int) -> tuple[str, ...]:
-    """:data:`ADOPTED` and the cells of seed 0's extensions and their checks (Study.start)."""
-    return (*ADOPTED, *(c for k in range(1, max_extensions + 1) for c in (converged_cell(0, k), f"extend_s0_x{k}")))
+    """:data:`ADOPTED` and the cells of seed 0's extensions and their checks, masked and masks off (Study.start)."""
+    return (*ADOPTED, converged_cell(0, 0, True),
+            *(c for k in range(1, max_extensions + 1)
+              for c in (converged_cell(0, k), converged_cell(0, k, True), f"extend_s0_x{k}")))
 
 
 def budget_name(task: str, p_train: float) -> str:

@@ -81,6 +81,12 @@ class Budget:
     max_extensions: int = 0
     extension_steps: int = 1000
     final_stage: int | None = None
+    # A start trained under feature masks (p_train > 0) is evaluated masks off, and converging under its masks
+    # does not converge the masks-off model (docs/results/paper_setting/: +2.8 / +6.7 / +20.4 points from 300
+    # masks-off steps at p_train 0.05 / 0.1 / 0.2). With this set, the converged check also runs masks off, and
+    # a start that passes the masked check but fails this one is repaired: an extension with the masks off.
+    # Extensions and repairs share ``max_extensions``.
+    masks_off_check: bool = False
     # pass@k / maj@k of an arm's test cell sampled under the arm's own training noise (its masks and answer
     # temperature: issue 22) instead of one shared sampler (eval_p); the start's test cell keeps the latter.
     own_noise: bool = False
@@ -122,7 +128,8 @@ def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) ->
     """Issue 22's study on task ``task`` (experiments/tasks.py). The start is converged.yaml's, trained under
     feature masks at ``p_train`` (plateau rule on 2,000 validation problems, lr decayed to the floor;
     scripts/difficulty.py ran seed 0's at p_train 0.1 as the task's probe); every start gets the converged
-    check at the floor's lr (``sft_continue`` keeps training under the start's masks); the dropout arms roll
+    check at the floor's lr (``sft_continue`` keeps training under the start's masks), and with ``p_train`` > 0
+    the same check masks off, repaired while it fails (:attr:`Budget.masks_off_check`); the dropout arms roll
     out at ``rollout_p`` (until their grid picks); 300 GRPO steps with validation on 2,000 problems every 25
     (the last study's 100 steps ended 13 of 25 cells on their last checkpoint); 5,000 test problems;
     pass@8 under each arm's own noise."""
@@ -132,7 +139,7 @@ def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) ->
                   start_val_limit=False, curve_steps=(25, 50, 100, 200, 300),
                   coconut_args=schedule_args(task), common=common,
                   converged_lr=FLOOR_LR, own_noise=True, max_extensions=3, extension_steps=1000,
-                  final_stage=TASKS[task].stages,
+                  final_stage=TASKS[task].stages, masks_off_check=p_train > 0,
                   arm_args={a: ["--model.perturb.p", str(rollout_p)] for a in dropout_arms})
 
 
@@ -285,37 +292,53 @@ class Study:
         """The arms' start of a seed: the curriculum's checkpoint (:meth:`coconut`); with a converged check, that
         checkpoint trained longer at the floor lr (:meth:`extend`) while its check fails, at most
         ``max_extensions`` times. Written to cell ``start_s<seed>`` with its checks."""
+        b = self.budget
         done = self._done(f"start_s{seed}")
-        if done and Path(done["ckpt"]).exists():
+        # a start written before the masks-off check (no record of it) is checked again; its cells are reused
+        stale = done and b.masks_off_check and not done.get("masks_off_check")
+        if done and not stale and Path(done["ckpt"]).exists():
             return done["ckpt"]
-        ckpt, b = self.coconut(seed), self.budget
+        ckpt = self.coconut(seed)
         if b.converged_lr is None:
             return ckpt
-        checks = []
+        repairs = 0
         for k in range(b.max_extensions + 1):
-            checks.append(self.converged(seed, ckpt, k))
-            if checks[-1]["converged"] or k == b.max_extensions:
+            masked = self.converged(seed, ckpt, k)
+            off = self.converged(seed, ckpt, k, masks_off=True) if b.masks_off_check and masked["converged"] else None
+            converged = masked["converged"] and (off is None or off["converged"])
+            if converged or k == b.max_extensions:
                 break
-            ckpt = self.extend(seed, ckpt, k + 1)
-        return self._finish(f"start_s{seed}", {"ckpt": ckpt, "extensions": len(checks) - 1,
-                                               "converged": checks[-1]["converged"]})["ckpt"]
+            # first converge under the masks (the start's own training), then close the masks-off gap
+            repair = off is not None
+            repairs += repair
+            ckpt = self.extend(seed, ckpt, k + 1, masks_off=repair)
+        return self._finish(f"start_s{seed}", {"ckpt": ckpt, "extensions": k, "converged": converged,
+                                               **({"repairs": repairs, "masks_off_check": True}
+                                                  if b.masks_off_check else {})})["ckpt"]
 
-    def extend(self, seed: int, start: str, k: int) -> str:
+    def extend(self, seed: int, start: str, k: int, masks_off: bool = False) -> str:
         """Extension ``k`` of a start that failed its check: ``extension_steps`` steps of its fully latent stage
-        at the floor lr (the start's config and masks, weights from ``start``, a fresh optimiser)."""
+        at the floor lr (the start's config and masks, weights from ``start``, a fresh optimiser). With
+        ``masks_off`` a repair: the same with the training masks off (``p_train`` 0), for a start converged
+        under its masks whose masks-off model still gains (:attr:`Budget.masks_off_check`)."""
         cell = f"extend_s{seed}_x{k}"
         done = self._done(cell)
         if done and Path(done["ckpt"]).exists():
+            if done["from"] != start or bool(done.get("masks_off")) != masks_off:
+                raise RuntimeError(f"cell {cell} extended {done['from']} (masks_off {bool(done.get('masks_off'))}), "
+                                   f"not {start} (masks_off {masks_off}); move it aside to extend again")
             return done["ckpt"]
         b = self.budget
         if b.final_stage is None:
             raise ValueError("extending a start needs Budget.final_stage (its fully latent stage)")
         t = time.perf_counter()
+        off = ["--model.perturb.p_train", "0.0"] if masks_off else []  # (the later argument wins)
         vdir = self._run(["fit", "--config", str(CONFIGS / b.start_config), *self._seed_args(seed), *b.coconut_args,
-                          "--model.init_from", start, *self._extension_schedule()],
-                         "extend", f"seed{seed}_x{k}", cell, resumable=True)
+                          "--model.init_from", start, *self._extension_schedule(), *off],
+                         "repair" if masks_off else "extend", f"seed{seed}_x{k}", cell, resumable=True)
         return self._finish(cell, {"ckpt": str(vdir / "checkpoints" / "last.ckpt"), "from": start,
                                    "steps": b.extension_steps, "lr": b.converged_lr,
+                                   **({"masks_off": True} if masks_off else {}),
                                    "seconds": round(time.perf_counter() - t, 1)})["ckpt"]
 
     def _extension_schedule(self) -> list[str]:
@@ -369,28 +392,33 @@ class Study:
         return self._finish(cell, {"val_pass@1": row["val_pass@1"], "val_n": row["val_n"], "start": start,
                                    "seconds": round(time.perf_counter() - t, 1)})["val_pass@1"]
 
-    def converged(self, seed: int, start: str, k: int = 0) -> dict:
+    def converged(self, seed: int, start: str, k: int = 0, masks_off: bool = False) -> dict:
         """The converged check of a start (issue 22): ``sft_continue`` from it for the RL budget's steps at the
         budget's ``converged_lr`` (the start's decayed floor), its final weights (no best-of selection) against
-        the start on the same validation problems, paired. Converged: a mean gain of at most ``converged_gain``."""
+        the start on the same validation problems, paired. Converged: a mean gain of at most ``converged_gain``.
+        ``masks_off``: the continuation trains with the training masks off (evaluation is masks off either way)."""
         b = self.budget
-        cell = converged_cell(seed, k)  # k: the check after extension k (Study.start)
+        cell = converged_cell(seed, k, masks_off)  # k: the check after extension k (Study.start)
         done = self._done(cell)
         if done:
+            if done["start"] != start:
+                raise RuntimeError(f"cell {cell} checked {done['start']}, not {start}; move it aside to check again")
             return done
         t = time.perf_counter()
         args = [*self._arm_args(seed, "sft_continue", start, b.grpo_steps, sft_lr=b.converged_lr),
                 "--summary.splits", '["validation"]', "--summary.pair_validation", "true",
                 "--summary.phase_checkpoints", "false", "--checkpoint.save_last", "false",
-                "--checkpoint.every_n_train_steps", "null", "--trainer.limit_val_batches", "0"]
-        vdir = self._run(args, "converged", cell.replace("converged_s", "seed"), cell)
+                "--checkpoint.every_n_train_steps", "null", "--trainer.limit_val_batches", "0",
+                *(["--model.perturb.p_train", "0.0"] if masks_off else [])]
+        vdir = self._run(args, "converged_off" if masks_off else "converged", f"seed{seed}" + (f"_x{k}" if k else ""),
+                         cell)
         rows = {r["phase"]: r for r in json.loads((vdir / "summary.json").read_text())["phases"]}
         end = rows["sft_continue"]
         gain, half = end["val_paired_diff"], end["val_paired_ci95"]
         return self._finish(cell, {"start_val": rows["start"]["val_pass@1"], "end_val": end["val_pass@1"],
                                    "val_n": end["val_paired_n"], "gain": gain, "gain_ci95": half,
                                    "lr": b.converged_lr, "steps": b.grpo_steps, "converged": gain <= b.converged_gain,
-                                   "start": start, "extension": k,
+                                   "start": start, "extension": k, **({"masks_off": True} if masks_off else {}),
                                    "seconds": round(time.perf_counter() - t, 1)})
 
     def train_arm(self, seed: int, arm: str, start: str) -> dict:
@@ -422,6 +450,8 @@ class Study:
     def evaluate(self, seed: int, tag: str, ckpt: str, arm_cfg: str | None) -> dict:
         cell = f"test_{tag}_s{seed}"
         done = self._done(cell)
+        if arm_cfg is None:
+            self._check_seed_start(seed, ckpt)
         extension = arm_cfg is None and self._is_extension(seed, ckpt)
         stale = extension and done and not done.get("extension")  # tested before b45b239: in the CoT layout
         if done and not stale:
@@ -465,7 +495,18 @@ class Study:
             self.close()
         self.report()
 
+    def _check_seed_start(self, seed: int, start: str) -> None:
+        """Refuse a seed's finished cells computed from another start (a start checked again, e.g. repaired
+        after :attr:`Budget.masks_off_check` came in): its ``val_start_latent`` cell names the start its arms
+        ran from. Trusting them would mix two starts in one seed's row, silently."""
+        done = self._done(f"val_start_latent_s{seed}")
+        if done and done["start"] != start:
+            raise RuntimeError(f"seed {seed}'s cells in {self.cells} ran from {done['start']}, but its start is now "
+                               f"{start}: move its val_start/train/test cells (and their tb runs) aside to run them "
+                               f"again")
+
     def _arm_chain(self, seed: int, arm: str, start: str) -> dict:
+        self._check_seed_start(seed, start)
         if self._done(f"test_{arm}_s{seed}"):
             return self._done(f"test_{arm}_s{seed}")
         # the CoT model sits beside the curriculum's checkpoint (an extended start is elsewhere)

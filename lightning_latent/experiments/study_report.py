@@ -20,9 +20,10 @@ PRIMARY = (("dropout_shared", "temperature"), ("dropout_greedy", "none"))
 MIN_TREND_POINTS = 50  # a training-reward curve judged by reward_trend: at least this many logged steps
 
 
-def converged_cell(seed: int, k: int = 0) -> str:
-    """The cell of a start's converged check: ``converged_s<seed>``, and after extension ``k`` ``..._x<k>``."""
-    return f"converged_s{seed}" + (f"_x{k}" if k else "")
+def converged_cell(seed: int, k: int = 0, masks_off: bool = False) -> str:
+    """The cell of a start's converged check: ``converged_s<seed>``, and after extension ``k`` ``..._x<k>``;
+    the masks-off check (:attr:`~.study.Budget.masks_off_check`) ``converged_off_s<seed>[_x<k>]``."""
+    return ("converged_off_s" if masks_off else "converged_s") + str(seed) + (f"_x{k}" if k else "")
 
 
 class StudyReport:
@@ -86,21 +87,30 @@ class StudyReport:
             rows.append([arm, len(rs), *cells, f"{sum(fz) / len(fz):.2f}" if fz else "-"])
         lines += [markdown_table(["arm", "seeds", "pass@1 (greedy, unperturbed)", "sampled pass@1", f"maj@{k}",
                                   f"pass@{k}", "frac_zero_std (train)"], rows)]
-        checks = [(s, k, c) for s in range(self.seeds) for k in range(self.budget.max_extensions + 1)
-                  if (c := self._done(converged_cell(s, k)))]
+        b = self.budget
+        offs = (False, True) if b.masks_off_check else (False,)
+        checks = [(s, k, off, c) for s in range(self.seeds) for k in range(b.max_extensions + 1) for off in offs
+                  if (c := self._done(converged_cell(s, k, off)))]
         if checks:
-            b = self.budget
+            ext = {(s, k): self._done(f"extend_s{s}_x{k}") or {} for s, k, _, _ in checks}
             lines += ["", "## Converged check of each start", "",
                       f"`sft_continue` from the start for {b.grpo_steps} steps at lr {b.converged_lr:g}, "
                       f"its final weights against the start on the same validation problems (paired, points); "
                       f"converged: a gain of at most {100 * b.converged_gain:g} point(s). A start that fails trains "
                       f"{b.extension_steps} more steps of its fully latent stage at that lr and is checked again "
-                      f"(at most {b.max_extensions} times); the arms start from the last one.", ""]
-            lines += [markdown_table(["seed", "steps added at the floor", "start val", "after", "gain ± 95%", "n",
-                                      "converged"],
-                                     [[s, k * b.extension_steps, f"{100 * c['start_val']:.1f}", f"{100 * c['end_val']:.1f}",
+                      f"(at most {b.max_extensions} times); the arms start from the last one."
+                      + (" The check runs under the start's training masks and, once that passes, with the masks "
+                         "off (evaluation is masks off); a start failing the masks-off check is repaired: its "
+                         "extension trains with the masks off." if b.masks_off_check else ""), ""]
+            head = ["seed", "steps added at the floor", *(["masks in the check"] if b.masks_off_check else []),
+                    "start val", "after", "gain ± 95%", "n", "converged"]
+            added = lambda s, k: (f"{k * b.extension_steps}"
+                                  + (" (the last masks off)" if ext[(s, k)].get("masks_off") else ""))
+            lines += [markdown_table(head,
+                                     [[s, added(s, k), *(["off" if off else "on"] if b.masks_off_check else []),
+                                       f"{100 * c['start_val']:.1f}", f"{100 * c['end_val']:.1f}",
                                        f"{100 * c['gain']:+.2f} ± {100 * c['gain_ci95']:.2f}", c["val_n"],
-                                       "yes" if c["converged"] else "**no**"] for s, k, c in checks])]
+                                       "yes" if c["converged"] else "**no**"] for s, k, off, c in checks])]
         compute = {arm: [{**tr["compute"], "seconds": tr["seconds"]} for s in range(self.seeds)
                          if (tr := self._done(f"train_{arm}_s{s}")) and "compute" in tr] for arm in self.arms}
         if any(compute.values()):

@@ -301,6 +301,57 @@ def test_a_start_that_fails_its_check_trains_longer_at_the_floor(tmp_path):
     assert "| 0 | 0 |" in md and "| 0 | 2 |" in md and md.count("**no**") == 2
 
 
+@pytest.mark.slow
+def test_a_start_converged_under_its_masks_is_checked_and_repaired_masks_off(tmp_path):
+    """A start trained under masks (p_train 0.2) can be converged under them and not masks off, the model
+    evaluation scores (docs/results/paper_setting/: +20 points from 300 masks-off steps at p_train 0.2). With
+    ``masks_off_check`` the study checks it masks off once the masked check passes, and repairs it (an extension
+    with p_train 0) while that fails; the arms start from the repair, under their own masks again. The masked
+    check is given as passed (a hand-written cell), the masks-off one cannot pass (a gain of at most -1)."""
+    from dataclasses import replace
+
+    import yaml
+
+    from lightning_latent.experiments.study import BUDGETS, Study
+
+    tiny = BUDGETS["tiny"]
+    b = replace(tiny, common=[*tiny.common, "--model.perturb.p_train", "0.2"], converged_lr=3.0e-2,
+                converged_gain=-1.0, max_extensions=1, extension_steps=2, final_stage=3, masks_off_check=True)
+    st = Study(tmp_path / "out", seeds=1, arms=("none",), budget=b, work=tmp_path / "work", diversity=False)
+    base = st.coconut(0)
+    passed = {"start_val": 0.5, "end_val": 0.5, "val_n": 8, "gain": 0.0, "gain_ci95": 0.0, "lr": 3.0e-2,
+              "steps": 2, "converged": True, "start": base, "extension": 0, "seconds": 0.0}
+    (st.cells / "converged_s0.json").write_text(json.dumps(passed))
+    st.run()
+    cell = lambda n: json.loads((st.cells / f"{n}.json").read_text())  # noqa: E731
+    p_train = lambda d: yaml.safe_load((st.tb / d / "config.yaml").read_text())["model"]["perturb"]["p_train"]  # noqa: E731
+    off0, rep, c1, start = cell("converged_off_s0"), cell("extend_s0_x1"), cell("converged_s0_x1"), cell("start_s0")
+    assert off0["masks_off"] and off0["start"] == base and not off0["converged"]
+    assert rep["masks_off"] and rep["from"] == base and "/repair/seed0_x1/" in rep["ckpt"]
+    assert c1["start"] == rep["ckpt"] and "masks_off" not in c1  # after the repair: the masked check first
+    assert start == {"ckpt": rep["ckpt"], "extensions": 1, "converged": False, "repairs": 1, "masks_off_check": True}
+    # which masks each run trained under: the start and the masked check at 0.2, the masks-off runs at 0
+    assert (p_train("coconut/seed0"), p_train("converged_off/seed0"), p_train("repair/seed0_x1"),
+            p_train("converged/seed0_x1"), p_train("none/seed0")) == (0.2, 0.0, 0.0, 0.2, 0.2)
+    assert "init_from: " + rep["ckpt"] in (st.tb / "none" / "seed0" / "config.yaml").read_text()
+    md = (st.out / "results.md").read_text()
+    assert "| 0 | 0 | on |" in md and "| 0 | 0 | off |" in md and "| 0 | 2 (the last masks off) | on |" in md
+
+    # a start cell from before the masks-off check is checked again from its cells (nothing runs again)
+    (st.cells / "start_s0.json").write_text(json.dumps({"ckpt": base, "extensions": 0, "converged": True}))
+    files = sorted(p.name for p in st.cells.iterdir())
+    assert st.start(0) == rep["ckpt"] and sorted(p.name for p in st.cells.iterdir()) == files
+    # a seed's cells from another start are refused, not mixed into its row
+    (st.cells / "val_start_latent_s0.json").write_text(json.dumps({**cell("val_start_latent_s0"), "start": base}))
+    with pytest.raises(RuntimeError, match="move its val_start/train/test cells"):
+        st._arm_chain(0, "none", rep["ckpt"])
+    with pytest.raises(RuntimeError, match="move its val_start/train/test cells"):
+        st.evaluate(0, "coconut", rep["ckpt"], None)
+    # an extension cell of another start or kind is refused too
+    with pytest.raises(RuntimeError, match="extended"):
+        st.extend(0, base, 1, masks_off=False)
+
+
 def test_a_converged_budget_starts_from_the_probes_run_and_passes_each_arm_its_noise(tmp_path, monkeypatch):
     """The converged_<task> budgets (issue 22): seed 0's start is scripts/difficulty.py's probe of the task
     (the same arguments after converged.yaml), every cell gets the task and p_train, the dropout arms their
