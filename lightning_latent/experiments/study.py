@@ -324,7 +324,7 @@ class Study:
         cell = f"extend_s{seed}_x{k}"
         done = self._done(cell)
         if done and Path(done["ckpt"]).exists():
-            if done["from"] != start or bool(done.get("masks_off")) != masks_off:
+            if done.get("from", start) != start or bool(done.get("masks_off")) != masks_off:
                 raise RuntimeError(f"cell {cell} extended {done['from']} (masks_off {bool(done.get('masks_off'))}), "
                                    f"not {start} (masks_off {masks_off}); move it aside to extend again")
             return done["ckpt"]
@@ -401,7 +401,7 @@ class Study:
         cell = converged_cell(seed, k, masks_off)  # k: the check after extension k (Study.start)
         done = self._done(cell)
         if done:
-            if done["start"] != start:
+            if done.get("start", start) != start:  # (cells before 96796e1 did not record it)
                 raise RuntimeError(f"cell {cell} checked {done['start']}, not {start}; move it aside to check again")
             return done
         t = time.perf_counter()
@@ -500,7 +500,7 @@ class Study:
         after :attr:`Budget.masks_off_check` came in): its ``val_start_latent`` cell names the start its arms
         ran from. Trusting them would mix two starts in one seed's row, silently."""
         done = self._done(f"val_start_latent_s{seed}")
-        if done and done["start"] != start:
+        if done and done.get("start", start) != start:
             raise RuntimeError(f"seed {seed}'s cells in {self.cells} ran from {done['start']}, but its start is now "
                                f"{start}: move its val_start/train/test cells (and their tb runs) aside to run them "
                                f"again")
