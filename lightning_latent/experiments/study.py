@@ -171,6 +171,11 @@ BUDGETS = {
 }
 
 
+# The training masks off for one run: after the budget's own p_train (the later argument wins). Used by the
+# masks-off converged check and the repair (Budget.masks_off_check).
+MASKS_OFF = ["--model.perturb.p_train", "0.0"]
+
+
 class Study:
     def __init__(self, out: str | Path, seeds: int = 5, arms: tuple[str, ...] = ARMS, budget: str | Budget = "default",
                  diversity: bool = True, work: str | Path | None = None, jobs: int = 1, in_process: bool = True):
@@ -325,16 +330,16 @@ class Study:
         done = self._done(cell)
         if done and Path(done["ckpt"]).exists():
             if done.get("from", start) != start or bool(done.get("masks_off")) != masks_off:
-                raise RuntimeError(f"cell {cell} extended {done['from']} (masks_off {bool(done.get('masks_off'))}), "
+                raise RuntimeError(f"cell {cell} extended {done.get('from', start)} (masks_off "
+                                   f"{bool(done.get('masks_off'))}), "
                                    f"not {start} (masks_off {masks_off}); move it aside to extend again")
             return done["ckpt"]
         b = self.budget
         if b.final_stage is None:
             raise ValueError("extending a start needs Budget.final_stage (its fully latent stage)")
         t = time.perf_counter()
-        off = ["--model.perturb.p_train", "0.0"] if masks_off else []  # (the later argument wins)
         vdir = self._run(["fit", "--config", str(CONFIGS / b.start_config), *self._seed_args(seed), *b.coconut_args,
-                          "--model.init_from", start, *self._extension_schedule(), *off],
+                          "--model.init_from", start, *self._extension_schedule(), *(MASKS_OFF if masks_off else [])],
                          "repair" if masks_off else "extend", f"seed{seed}_x{k}", cell, resumable=True)
         return self._finish(cell, {"ckpt": str(vdir / "checkpoints" / "last.ckpt"), "from": start,
                                    "steps": b.extension_steps, "lr": b.converged_lr,
@@ -409,7 +414,7 @@ class Study:
                 "--summary.splits", '["validation"]', "--summary.pair_validation", "true",
                 "--summary.phase_checkpoints", "false", "--checkpoint.save_last", "false",
                 "--checkpoint.every_n_train_steps", "null", "--trainer.limit_val_batches", "0",
-                *(["--model.perturb.p_train", "0.0"] if masks_off else [])]
+                *(MASKS_OFF if masks_off else [])]
         vdir = self._run(args, "converged_off" if masks_off else "converged", f"seed{seed}" + (f"_x{k}" if k else ""),
                          cell)
         rows = {r["phase"]: r for r in json.loads((vdir / "summary.json").read_text())["phases"]}
