@@ -80,7 +80,7 @@ def test_module_refuses_bad_sizes_and_builds_its_schedule():
     assert m.eval_stage() == (0, True) and m.automatic_optimization is False
 
 
-def _one_sft_step(p_train: float, scope: str = "latent"):
+def _one_sft_step(p_train: float, scope: str = "latent", unmasked_share: float = 0.0):
     """One coconut step of a tiny module (``perturb.p_train`` as given): the batch it drew, its logged loss,
     and the weights it started from."""
     import copy
@@ -91,7 +91,8 @@ def _one_sft_step(p_train: float, scope: str = "latent"):
     m = LatentReasoner(backbone=ModelConfig(n_layer=1, n_embd=32, n_head=2),
                        curriculum=CurriculumConfig(c_thought=1, max_latent_stage=1), schedule=[Phase("coconut", steps=1,
                                                                                                    stages=[1])],
-                       batch_size=4, perturb=PerturbConfig(p=0.1, p_train=p_train, scope=scope))
+                       batch_size=4, perturb=PerturbConfig(p=0.1, p_train=p_train, scope=scope,
+                                                                 unmasked_share=unmasked_share))
     start = copy.deepcopy(m.model)
     seen = {}
 
@@ -135,6 +136,51 @@ def test_a_supervised_phase_trains_under_the_configured_masks():
     assert seen0["loss"] == pytest.approx(float(unmasked), abs=1e-6)  # p_train 0: the plain loss
     assert seen["loss"] == pytest.approx(float(masked), abs=1e-6)  # p_train 0.3: exactly these masks
     assert abs(float(masked) - float(unmasked)) > 1e-3  # and they change the loss (the check can fail)
+
+
+def test_a_share_of_training_sequences_trains_with_the_masks_off():
+    """``perturb.unmasked_share``: the sequences whose hashed draw falls below the share carry no mask, the
+    others exactly their ``p_train`` mask; the loss is the mean over both kinds, row by row."""
+    import random
+
+    import torch
+
+    from lightning_latent.data.layout import IGNORE, train_batch
+    from lightning_latent.model.perturb import Perturber
+    from lightning_latent.rl.rollout import TRAINING_MASK_K, rollout_seed
+    from lightning_latent.supervised import training_rows_masked
+
+    m, start, seen = _one_sft_step(0.3, unmasked_share=0.5)
+    b = train_batch(m.layout, seen["batch"], 1, False, random.Random("0/0/0"))
+    seeds = torch.tensor([rollout_seed(0, 0, int(i), TRAINING_MASK_K) for i in b["idx"]])
+    on = training_rows_masked(seeds, 0.5)
+    assert 0 < int(on.sum()) < len(on)  # this batch has both kinds, so the check below can fail
+    assert training_rows_masked(seeds, 0.0) is None
+    labels, af = b["labels"], (b["labels"] != IGNORE).int().argmax(1)
+    with torch.no_grad():
+        plain = start(b["input_ids"], b["attention_mask"], b["position_ids"]).logits
+        pert = Perturber(start.lm, m.perturb_cfg.for_training())
+        with pert.rows(seeds):  # every row masked
+            masked = start(b["input_ids"], b["attention_mask"], b["position_ids"], perturber=pert, answer_from=af).logits
+    assert pert.cfg.unmasked_share == 0.5
+    logits = torch.where(on[:, None, None], masked, plain)  # row by row: its mask, or none
+    tok = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE,
+                                            reduction="sum")
+    expected = float(tok) / int((labels[:, 1:] != IGNORE).sum())
+    assert seen["loss"] == pytest.approx(expected, abs=1e-6)
+    all_masked = torch.nn.functional.cross_entropy(masked[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                   ignore_index=IGNORE, reduction="sum") / int((labels[:, 1:] != IGNORE).sum())
+    all_plain = torch.nn.functional.cross_entropy(plain[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                  ignore_index=IGNORE, reduction="sum") / int((labels[:, 1:] != IGNORE).sum())
+    # neither all rows masked nor none: 100x the tolerance above apart (a tiny model at its init: small gaps)
+    assert abs(float(all_masked) - expected) > 1e-4 and abs(float(all_plain) - expected) > 1e-4
+
+
+def test_unmasked_share_must_be_a_share():
+    from lightning_latent.model.perturb import PerturbConfig
+
+    with pytest.raises(ValueError, match="unmasked_share"):
+        PerturbConfig(p_train=0.1, unmasked_share=1.0)
 
 
 def test_rollouts_replays_and_references_apply_only_the_arms_masks():

@@ -49,6 +49,11 @@ class PerturbConfig:
     # So a rollout's mask (the arm's ``p``) is one the model could have drawn in training
     # (docs/design.md#train-masks). 0: off. Rollouts, replays, references and evaluation never use it.
     p_train: float = 0.0
+    # The share of supervised sequences trained with the masks off (each sequence's draw a hash of its mask
+    # seed, so replayable), so that the deterministic model evaluation scores is trained too: under tied
+    # feature masks alone it is not the average masked network (docs/design.md#train-masks). 0: every
+    # sequence masked. Only with ``p_train`` > 0; rollouts never use it.
+    unmasked_share: float = 0.0
 
     def __post_init__(self) -> None:
         """Fail at start-up with a message that names the bad value."""
@@ -57,6 +62,9 @@ class PerturbConfig:
             raise ValueError(f"perturb.p={self.p} must be in [0, 1)")
         if not 0.0 <= self.p_train < 1.0:
             raise ValueError(f"perturb.p_train={self.p_train} must be in [0, 1)")
+        if not 0.0 <= self.unmasked_share < 1.0:
+            raise ValueError(f"perturb.unmasked_share={self.unmasked_share} must be in [0, 1): the share of "
+                             "training sequences with masks off (1 would be p_train 0)")
         for s in self.sites:
             if s not in SITES:
                 raise ValueError(f"perturb.sites contains unknown site {s!r}; choose from {SITES}")
@@ -80,10 +88,12 @@ class PerturbConfig:
 
     def for_training(self) -> "PerturbConfig | None":
         """The masks supervised phases train under: one frozen feature mask per sequence at this config's
-        sites and scope, rate ``p_train`` (None when ``p_train`` is 0)."""
+        sites and scope, rate ``p_train``, a share ``unmasked_share`` of the sequences left unmasked (None when
+        ``p_train`` is 0)."""
         if self.p_train <= 0:
             return None
-        return PerturbConfig(arm="dropout_shared", p=self.p_train, sites=list(self.sites), scope=self.scope)
+        return PerturbConfig(arm="dropout_shared", p=self.p_train, sites=list(self.sites), scope=self.scope,
+                             unmasked_share=self.unmasked_share)
 
 
 _NO_OVERRIDE = object()
@@ -145,6 +155,7 @@ class Perturber:
     def __init__(self, model: nn.Module, cfg: PerturbConfig):
         self.cfg = cfg
         self._seeds: Tensor | None = None
+        self._on: Tensor | None = None  # [N] bool: the rows that carry a mask (None: all of them)
         self._factors: dict[tuple[str, int], Tensor] = {}
         self._masks: dict[tuple, Tensor] = {}  # step-independent masks of the active rows (see ``mask``)
         self._handles = []
@@ -158,23 +169,24 @@ class Perturber:
 
     # -- activation ---------------------------------------------------------------------------
     class _Rows:
-        def __init__(self, outer: "Perturber", seeds: Tensor):
-            self.outer, self.seeds = outer, seeds
+        def __init__(self, outer: "Perturber", seeds: Tensor, on: Tensor | None):
+            self.outer, self.seeds, self.on = outer, seeds, on
 
         def __enter__(self):
-            self.outer._seeds = self.seeds
+            self.outer._seeds, self.outer._on = self.seeds, self.on
             self.outer._masks = {}
             return self.outer
 
         def __exit__(self, *exc):
-            self.outer._seeds = None
+            self.outer._seeds = self.outer._on = None
             self.outer._factors = {}
             self.outer._masks = {}
             return False
 
-    def rows(self, seeds: Tensor) -> "Perturber._Rows":
-        """Activate per-row perturbations for the rows whose rollout seeds are given."""
-        return Perturber._Rows(self, seeds.to(torch.int64))
+    def rows(self, seeds: Tensor, on: Tensor | None = None) -> "Perturber._Rows":
+        """Activate per-row perturbations for the rows whose rollout seeds are given; with ``on`` ([N] bool),
+        only the rows where it is True carry a mask, the others none (supervised ``unmasked_share``)."""
+        return Perturber._Rows(self, seeds.to(torch.int64), None if on is None else on.to(torch.bool))
 
     @property
     def enabled(self) -> bool:
@@ -199,11 +211,16 @@ class Perturber:
             ck = (site, layer, dim, str(device), dtype)
             m = self._masks.get(ck)
             if m is None:
-                keep = hash_uniform(seeds, keys, dim) >= self.cfg.p
-                m = self._masks[ck] = keep.to(dtype) / (1.0 - self.cfg.p)
+                m = self._masks[ck] = self._rows_on(hash_uniform(seeds, keys, dim) >= self.cfg.p, dtype)
             return m
-        keep = hash_uniform(seeds, keys, dim) >= self.cfg.p
-        return keep.to(dtype) / (1.0 - self.cfg.p)
+        return self._rows_on(hash_uniform(seeds, keys, dim) >= self.cfg.p, dtype)
+
+    def _rows_on(self, keep: Tensor, dtype) -> Tensor:
+        """The mask {0, 1/(1-p)} of ``keep`` [N, dim], and all ones in the rows that carry none."""
+        m = keep.to(dtype) / (1.0 - self.cfg.p)
+        if self._on is None:
+            return m
+        return torch.where(self._on.to(m.device)[:, None], m, torch.ones((), device=m.device, dtype=dtype))
 
     def begin_pass(self, step: Tensor, n_cols: int, answer_from: int | Tensor | None, dim: int, device,
                    dtype) -> None:
