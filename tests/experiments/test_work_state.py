@@ -1,0 +1,52 @@
+"""scripts/work_state.py: a work directory packed into the repository keeps what a resumed pipeline needs."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("work_state", Path(__file__).resolve().parents[2] / "scripts" / "work_state.py")
+ws = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ws)
+
+
+def _touch(p: Path, text: str = "x") -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def test_save_keeps_starts_and_untested_cells_and_restores_in_place(tmp_path):
+    work = tmp_path / "runs" / "paper"
+    st = work / "p_train" / "pt0.1"
+    start = _touch(st / "tb/coconut/seed0/checkpoints/last.ckpt")
+    cot = _touch(st / "tb/coconut/seed0/checkpoints/phase-cot.ckpt")
+    _touch(st / "tb/coconut/seed0/checkpoints/phase-coconut.ckpt")  # a phase nobody starts from
+    running = _touch(st / "tb/coconut/seed1/checkpoints/last.ckpt")  # a start still training: no cell yet
+    tested = _touch(st / "tb/dropout_greedy/seed0/checkpoints/best.ckpt")
+    untested = _touch(st / "tb/none/seed0/checkpoints/best.ckpt")
+    _touch(st / "tb/temperature/seed0/checkpoints/last.ckpt")  # an RL run in progress: reruns
+    events = _touch(st / "tb/coconut/seed0/events.out.tfevents.1")
+    cells = st / "cells"
+    _touch(cells / "coconut_s0.json", json.dumps({"ckpt": str(start), "seconds": 1.0}))
+    _touch(cells / "train_dropout_greedy_s0.json", json.dumps({"ckpt": str(tested)}))
+    _touch(cells / "test_dropout_greedy_s0.json", json.dumps({"pass1": 0.3}))
+    _touch(cells / "train_none_s0.json", json.dumps({"ckpt": str(untested)}))
+
+    rel = lambda p: str(p.relative_to(work))
+    m = ws.save(work, tmp_path / "state" / "paper.tar")
+    assert sorted(m["checkpoints"]) == sorted(rel(p) for p in (start, cot, running, untested))
+
+    work.rename(tmp_path / "aside")
+    assert ws.restore(tmp_path / "state" / "paper.tar") == work.resolve()
+    for p in (start, cot, running, untested, events, cells / "test_dropout_greedy_s0.json"):
+        assert p.exists(), p
+    assert not tested.exists() and not (st / "tb/temperature/seed0/checkpoints/last.ckpt").exists()
+    with pytest.raises(SystemExit, match="not empty"):  # never over a run
+        ws.restore(tmp_path / "state" / "paper.tar")
+
+
+def test_an_unreadable_cell_stops_the_save_by_name(tmp_path):
+    _touch(tmp_path / "w" / "cells" / "coconut_s0.json", "{not json")
+    with pytest.raises(SystemExit, match="coconut_s0.json"):
+        ws.save(tmp_path / "w", tmp_path / "s.tar")
