@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 START_RUNS = ("coconut", "extend", "repair")
@@ -60,6 +61,10 @@ def kept_checkpoints(work: Path) -> set[Path]:
 def save(work: Path, out: Path) -> dict:
     work = work.resolve()
     keep = kept_checkpoints(work)
+    for p in sorted(keep):  # a checkpoint caught mid-write (a run killed while saving) would resume nothing
+        if not zipfile.is_zipfile(p) or zipfile.ZipFile(p).testzip() is not None:
+            raise SystemExit(f"{p} is not a whole checkpoint (torch saves a zip archive): stop its run, and remove "
+                             "the file to rerun from the one before, or rerun the save once the run has saved again")
     files = [p for p in sorted(work.rglob("*")) if p.is_file() and (p.suffix != ".ckpt" or p.resolve() in keep)]
     out.parent.mkdir(parents=True, exist_ok=True)
     manifest = {"work": str(work), "files": len(files), "checkpoints": sorted(str(p.relative_to(work)) for p in keep),

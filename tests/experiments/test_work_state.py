@@ -1,6 +1,7 @@
 """scripts/work_state.py: a work directory packed into the repository keeps what a resumed pipeline needs."""
 import importlib.util
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,11 @@ spec.loader.exec_module(ws)
 
 def _touch(p: Path, text: str = "x") -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
+    if p.suffix == ".ckpt":  # torch saves a zip archive
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("data.pkl", text)
+    else:
+        p.write_text(text)
     return p
 
 
@@ -44,6 +49,14 @@ def test_save_keeps_starts_and_untested_cells_and_restores_in_place(tmp_path):
     assert not tested.exists() and not (st / "tb/temperature/seed0/checkpoints/last.ckpt").exists()
     with pytest.raises(SystemExit, match="not empty"):  # never over a run
         ws.restore(tmp_path / "state" / "paper.tar")
+
+
+def test_a_checkpoint_caught_mid_write_stops_the_save_by_name(tmp_path):
+    ckpt = tmp_path / "w" / "tb/coconut/seed0/checkpoints/last.ckpt"
+    _touch(ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:-30])  # truncated
+    with pytest.raises(SystemExit, match="last.ckpt is not a whole checkpoint"):
+        ws.save(tmp_path / "w", tmp_path / "s.tar")
 
 
 def test_an_unreadable_cell_stops_the_save_by_name(tmp_path):
