@@ -371,11 +371,13 @@ def test_a_converged_budget_starts_from_the_probes_run_and_passes_each_arm_its_n
     assert args[:3] == probe[:3] == ["fit", "--config", str(ROOT / "experiments" / "configs" / "synthetic" / "converged.yaml")]
     opts, probe_opts = dict(zip(args[3::2], args[4::2])), dict(zip(probe[3::2], probe[4::2]))
     assert len(args) == len(set(args[3::2])) * 2 + 3 and len(probe) == len(probe_opts) * 2 + 3  # no key twice
-    assert {k: v for k, v in opts.items() if k != "--model.perturb.p_train"} == probe_opts
+    own = ("--model.perturb.p_train", "--model.perturb.unmasked_share")  # the budget's, equal to the YAML's
+    assert {k: v for k, v in opts.items() if k not in own} == probe_opts
     import yaml
 
     converged_yaml = yaml.safe_load((ROOT / "experiments" / "configs" / "synthetic" / "converged.yaml").read_text())
     assert opts["--model.perturb.p_train"] == str(converged_yaml["model"]["perturb"]["p_train"]) == "0.1"
+    assert opts["--model.perturb.unmasked_share"] == str(converged_yaml["model"]["perturb"]["unmasked_share"]) == "0.5"
     assert opts["--seed_everything"] == "0" == opts["--data.seed"] and "--data.val_limit" not in opts
     assert json.loads(opts["--data.synthetic"])["max_steps"] == 4 and opts["--model.curriculum.max_latent_stage"] == "4"
     train = dict(zip(*[iter(st._arm_args(0, "dropout_greedy", "S.ckpt", 3)[3:])] * 2))
