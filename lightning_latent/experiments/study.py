@@ -133,8 +133,9 @@ UNMASKED_SHARE = 0.5
 
 def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) -> Budget:
     """Issue 22's study on task ``task`` (experiments/tasks.py). The start is converged.yaml's, trained under
-    feature masks at ``p_train``, half its sequences masks off (:data:`UNMASKED_SHARE`) (plateau rule on 2,000 validation problems, lr decayed to the floor;
-    scripts/difficulty.py ran seed 0's at p_train 0.1 as the task's probe); every start gets the converged
+    feature masks at ``p_train`` on half its sequences, the other half masks off (:data:`UNMASKED_SHARE`)
+    (plateau rule on 2,000 validation problems, lr decayed to the floor; scripts/difficulty.py ran seed 0's at
+    p_train 0.1, all sequences masked, as the task's probe); every start gets the converged
     check at the floor's lr (``sft_continue`` keeps training under the start's masks), and with ``p_train`` > 0
     the same check masks off, repaired while it fails (:attr:`Budget.masks_off_check`); the dropout arms roll
     out at ``rollout_p`` (until their grid picks); 300 GRPO steps with validation on 2,000 problems every 25
