@@ -71,10 +71,26 @@ def rl_gain(train_cell: dict) -> float:
     return max(v for _, v in curve) - train_cell["start_val"]
 
 
-def choose_p_train(gains: dict[float, float]) -> float:
-    """The rate with the largest gain; a tie goes to the lower rate (the smaller change to the model)."""
+#: Issue 22's headroom band for a start's fully latent greedy pass@1 (point 3: the paper's Coconut sits at 27-34%).
+BAND = (0.25, 0.60)
+
+
+def band_distance(v: float, band: tuple[float, float] = BAND) -> float:
+    """How far ``v`` lies outside ``band`` (0 inside)."""
+    return max(band[0] - v, 0.0, v - band[1])
+
+
+def choose_p_train(gains: dict[float, float], start_vals: dict[float, float] | None = None,
+                   band: tuple[float, float] = BAND) -> float:
+    """The rate with the largest gain; a tie goes to the lower rate (the smaller change to the model). With
+    ``start_vals`` (each rate's start, validation), only the rates whose start sits in ``band`` compete; if none
+    does, the ones nearest it (added 2026-12-06 05:15 UTC, when the new form's starts were in and no gain was:
+    the 0.1 start sat at 84%, far above the band the task was chosen for)."""
     if not gains:
         raise ValueError("no p_train rate has a result")
+    if start_vals is not None:
+        near = min(band_distance(start_vals[p], band) for p in gains)
+        gains = {p: g for p, g in gains.items() if band_distance(start_vals[p], band) == near}
     return min(gains, key=lambda p: (-gains[p], p))
 
 
@@ -225,9 +241,10 @@ class PaperSetting:
             rows[p] = {"gain": rl_gain(tr), "start_val": tr["start_val"],
                        "best_val": rl_gain(tr) + tr["start_val"], "extensions": start["extensions"],
                        "converged": start["converged"], "start": start["ckpt"]}
-        chosen = choose_p_train({p: r["gain"] for p, r in rows.items()})
+        chosen = choose_p_train({p: r["gain"] for p, r in rows.items()}, {p: r["start_val"] for p, r in rows.items()})
         self.flag_unconverged(self._ptrain_study(chosen), 1)
-        self.choose("p_train", {"chosen": chosen, "rule": "largest dropout_greedy validation gain (best - start)",
+        self.choose("p_train", {"chosen": chosen, "rule": "largest dropout_greedy validation gain (best - start) "
+                                f"among the rates whose start's validation is in {BAND} (else the nearest)",
                                 "grpo_lr": self.ptrain_lr,
                                 "rates": {f"{p:g}": r for p, r in rows.items()}})
 

@@ -29,6 +29,13 @@ def test_p_train_rule_largest_gain_ties_to_the_lower_rate():
         choose_p_train({})
 
 
+def test_p_train_rule_takes_only_starts_in_the_band_else_the_nearest():
+    gains = {0.05: 0.02, 0.1: 0.05, 0.2: 0.01}
+    assert choose_p_train(gains, {0.05: 0.45, 0.1: 0.84, 0.2: 0.30}) == 0.05  # 0.1's larger gain is out
+    assert choose_p_train(gains, {0.05: 0.62, 0.1: 0.84, 0.2: 0.70}) == 0.05  # none in: the nearest
+    assert choose_p_train(gains, {0.05: 0.40, 0.1: 0.50, 0.2: 0.30}) == 0.1  # all in: the gain decides
+
+
 def _trials(rows):
     return pd.DataFrame([{"state": "COMPLETE", **r} for r in rows])
 
