@@ -28,7 +28,6 @@ from pathlib import Path
 
 START_RUNS = ("coconut", "extend", "repair")
 START_CKPTS = ("last.ckpt", "phase-cot.ckpt")
-MANIFEST = "work_state.json"
 
 
 def _ckpts_named(obj) -> set[str]:
