@@ -203,3 +203,26 @@ def test_the_p_train_cells_run_at_their_own_lr_and_rate(tmp_path):
         assert st.budget.common[-2:] == ["--model.perturb.p_train", str(p)] and st.arms == ("dropout_greedy",)
     assert "--model.optim.grpo_lr" not in PaperSetting("p4_40", tmp_path / "w", tmp_path / "o", tmp_path / "s") \
         ._ptrain_study(0.1)._arm_args(0, "dropout_greedy", "S.ckpt", 300)
+
+
+def test_the_pt0_side_job_builds_the_starts_step_pt0_reads(chosen):
+    """scripts/pt0_starts.py builds the p_train = 0 starts early, beside the driver: its study must write the
+    very cells (and run the very start command lines) that step_pt0's study reads, whatever the grids chose."""
+    import importlib.util
+
+    from lightning_latent.experiments.study import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("pt0_starts", REPO_ROOT / "scripts" / "pt0_starts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ps, _ = chosen
+    ps.choose("settings", {"grpo": {"model.optim.grpo_lr": 2e-5}, "arms": {"dropout_greedy": {"model.perturb.p": 0.1}}})
+    side = mod.side_study(ps, 3)
+    main = ps.study("pt0", 0.0, 3, ("temperature", "dropout_shared", "dropout_greedy"), ps.study_out / "p_train_0",
+                    2, ps.choices()["settings"])  # as step_pt0 builds it
+    assert side.work == main.work == ps.work / "pt0" and side.cells == main.cells
+    for field in ("coconut_args", "common", "start_config", "converged_lr", "converged_gain", "max_extensions",
+                  "extension_steps", "final_stage", "masks_off_check", "grpo_steps", "val_limit"):
+        assert getattr(side.budget, field) == getattr(main.budget, field), field
+    assert side.budget.common[-2:] == ["--model.perturb.p_train", "0.0"]
+    assert main.budget.arm_args != side.budget.arm_args  # the settings reach the arms only, not the starts
