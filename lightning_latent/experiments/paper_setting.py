@@ -9,7 +9,8 @@ Steps (each skipped once its choice is in ``OUT/choices.json``; each one's runs 
    difficulty probe, the same command line), its converged check, and ``dropout_greedy`` for the RL budget
    at rollout p = ``p_train``. Chosen: the largest validation gain (:func:`rl_gain`).
 3. ``recipe``: ``sweeps/paper_recipe.yaml`` (lr x dynamic sampling, each for three arms), chosen on the mean
-   over the arms (:func:`choose_recipe`).
+   over the arms (:func:`choose_recipe`); a choice at the lr grid's edge extends the grid past it
+   (:func:`edge_lr`).
 4. ``noise``: ``sweeps/paper_noise.yaml`` for the dropout arms, and a grid of 3 for ``temperature`` (T) and
    ``gaussian`` (scale), at the recipe; each arm takes its best point (:func:`choose_noise`).
 5. ``study``: every arm, :attr:`PaperSetting.seeds` seeds, at the chosen settings (seed 0's start and its
@@ -104,6 +105,28 @@ def choose_recipe(df) -> dict:
         raise ValueError("no recipe point has a completed trial for every arm")
     return {"model.optim.grpo_lr": float(best["model.optim.grpo_lr"]),
             "model.grpo.dynamic_sampling": _bool(best["model.grpo.dynamic_sampling"])}
+
+
+#: sweeps/paper_recipe.yaml's learning rates, and how often the grid may be extended past an edge (:func:`edge_lr`)
+RECIPE_LRS = (5.0e-6, 1.0e-5, 2.0e-5)
+MAX_LR_EXTENSIONS = 2
+
+
+def edge_lr(chosen: float, tried: list[float] | tuple[float, ...], extensions: int,
+            max_extensions: int = MAX_LR_EXTENSIONS) -> float | None:
+    """The next lr of the recipe grid when ``chosen`` lies on its edge: half the lowest lr tried, or twice the
+    highest, until ``max_extensions`` extensions have run; None when the choice is interior (or the budget is
+    spent). Why (decided 2026-12-06 at 07:55 UTC, with 4 of the 18 trials in): from a converged start every
+    trial so far lost ground at once, the most at the largest lr, and a grid whose best point is its edge has
+    not found the recipe, only a side of it."""
+    lo, hi = min(tried), max(tried)
+    if extensions >= max_extensions or lo == hi:
+        return None
+    if math.isclose(chosen, lo):
+        return lo / 2
+    if math.isclose(chosen, hi):
+        return hi * 2
+    return None
 
 
 def choose_noise(df, key: str, arm: str | None = None) -> dict[str, float]:
@@ -316,9 +339,23 @@ class PaperSetting:
     def step_recipe(self) -> None:
         if "recipe" in self.choices():
             return
+        import pandas as pd
+
         p = self.choices()["p_train"]["chosen"]
-        df = self.sweep("recipe", "paper_recipe.yaml", [f"args.model.perturb.p={p}"], 18, 2)
-        self.choose("recipe", choose_recipe(df))
+        frames = [self.sweep("recipe", "paper_recipe.yaml", [f"args.model.perturb.p={p}"], 18, 2)]
+        tried, rec = list(RECIPE_LRS), choose_recipe(frames[0])
+        while (lr := edge_lr(rec["model.optim.grpo_lr"], tried, len(tried) - len(RECIPE_LRS))) is not None:
+            # the same 6 points (3 arms x dynamic sampling off / on) at the lr past the edge
+            self.note(f"recipe: lr {rec['model.optim.grpo_lr']:g} is the grid's edge; the grid extends to {lr:g}")
+            space = f"space.model.optim.grpo_lr={{type: categorical, choices: [{_yaml(lr)}]}}"
+            frames.append(self.sweep(f"recipe_lr{lr:g}", "paper_recipe.yaml", [f"args.model.perturb.p={p}", space],
+                                     6, 2))
+            tried.append(lr)
+            rec = choose_recipe(pd.concat(frames, ignore_index=True))
+        self.choose("recipe_grid", {"lrs": sorted(tried), "extensions": len(tried) - len(RECIPE_LRS),
+                                    "rule": "an lr at the grid's edge extends it (half the lowest / twice the "
+                                            f"highest), at most {MAX_LR_EXTENSIONS} times"})
+        self.choose("recipe", rec)
 
     def step_noise(self) -> None:
         if "settings" in self.choices():

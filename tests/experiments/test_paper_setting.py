@@ -8,8 +8,9 @@ import math
 import pandas as pd
 import pytest
 
-from lightning_latent.experiments.paper_setting import (ADOPTED, PaperSetting, choose_noise, choose_p_train,
-                                                        choose_recipe, more_seeds_needed, primary_intervals, rl_gain)
+from lightning_latent.experiments.paper_setting import (ADOPTED, RECIPE_LRS, PaperSetting, choose_noise,
+                                                        choose_p_train, choose_recipe, edge_lr, more_seeds_needed,
+                                                        primary_intervals, rl_gain)
 from lightning_latent.experiments.study import BUDGETS, Study
 from lightning_latent.experiments.sweep.space import load_sweep_config
 from lightning_latent.metrics import t975
@@ -226,3 +227,49 @@ def test_the_pt0_side_job_builds_the_starts_step_pt0_reads(chosen):
         assert getattr(side.budget, field) == getattr(main.budget, field), field
     assert side.budget.common[-2:] == ["--model.perturb.p_train", "0.0"]
     assert main.budget.arm_args != side.budget.arm_args  # the settings reach the arms only, not the starts
+
+
+def test_a_recipe_lr_on_the_grids_edge_extends_the_grid_past_it():
+    tried = [5e-6, 1e-5, 2e-5]
+    assert edge_lr(1e-5, tried, 0) is None  # interior: the grid has found it
+    assert edge_lr(5e-6, tried, 0) == 2.5e-6 and edge_lr(2e-5, tried, 0) == 4e-5
+    assert edge_lr(2.5e-6, [*tried, 2.5e-6], 1) == 1.25e-6
+    assert edge_lr(1.25e-6, [*tried, 2.5e-6, 1.25e-6], 2) is None  # at most two extensions
+    assert edge_lr(5e-6, [5e-6], 0) is None
+
+
+def _recipe_frame(values):
+    """Trials of the recipe grid: values[(lr, ds)] = (temperature, dropout_shared, dropout_greedy)."""
+    return _trials([{"value": v, "params_model.perturb.arm": arm, "params_model.optim.grpo_lr": lr,
+                     "params_model.grpo.dynamic_sampling": ds}
+                    for (lr, ds), vals in values.items()
+                    for arm, v in zip(("temperature", "dropout_shared", "dropout_greedy"), vals)])
+
+
+def test_the_recipe_step_extends_its_lr_grid_at_the_edge_and_chooses_over_every_trial(chosen, monkeypatch):
+    """The recipe grid's own lrs are sweeps/paper_recipe.yaml's; its best at the lowest lr runs the same six
+    points at half that lr (its --set reaches the sweep's space), and the choice is made over all 24 trials."""
+    ps, _ = chosen
+    cfg, _ = _config(ps, "recipe", "paper_recipe.yaml", [], 18)
+    assert tuple(cfg.space["model.optim.grpo_lr"]["choices"]) == RECIPE_LRS
+    c = ps.choices()
+    del c["recipe"]
+    ps.choices_file.write_text(json.dumps(c))
+    calls = []
+    frames = {"recipe": {(lr, ds): (0.40 - lr * 1e4,) * 3 for lr in RECIPE_LRS for ds in (False, True)},
+              # half the lowest lr is worse than the lowest: the choice comes back inside the grid
+              "recipe_lr2.5e-06": {(2.5e-6, ds): (0.30, 0.30, 0.30) for ds in (False, True)}}
+
+    def sweep(name, config, sets, n_trials, workers):
+        calls.append((name, sets, n_trials))
+        return _recipe_frame(frames[name])
+
+    monkeypatch.setattr(ps, "sweep", sweep)
+    ps.step_recipe()
+    assert [(n, k) for n, _, k in calls] == [("recipe", 18), ("recipe_lr2.5e-06", 6)]
+    cfg, _ = _config(ps, "recipe_lr2.5e-06", "paper_recipe.yaml", calls[1][1], 6)
+    assert cfg.space["model.optim.grpo_lr"]["choices"] == [2.5e-6] and cfg.args["model.perturb.p"] == 0.2
+    assert ps.choices()["recipe"] == {"model.optim.grpo_lr": 5e-6, "model.grpo.dynamic_sampling": False}
+    assert ps.choices()["recipe_grid"]["lrs"] == [2.5e-6, *RECIPE_LRS]
+    ps.step_recipe()  # chosen: a rerun sweeps nothing
+    assert len(calls) == 2
