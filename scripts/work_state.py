@@ -12,7 +12,13 @@ checkpoints only those that cost hours and cannot be rebuilt by rerunning a shor
   those of a start still training resume from there (``cot_grpo`` starts from ``phase-cot.ckpt``).
 
 RL runs still in progress are not kept: they are not resumable and rerun from scratch.
-``restore`` unpacks it at the directory it was saved from (the cells' paths) and refuses to overwrite one.
+The checkpoints go beside the tar, each as its own file under ``<tar stem>.ckpts/`` at its path in the work
+directory, not inside the tar: a checkpoint that did not change between two saves (a finished start) is then
+the same git blob, stored once in the repository's history, where a tar holding it would store it again at
+every save (about 10 MB each; the repository must stay under its size limit). A save removes the files of
+checkpoints it no longer keeps from that directory. ``restore`` unpacks the tar and copies the checkpoints back
+at the directory they were saved from (the cells' paths), and refuses to overwrite one. (A tar of the first
+format, its checkpoints inside, restores as well.)
 
     python scripts/work_state.py save /work/runs/paper experiments/runs_state/paper.tar
     python scripts/work_state.py restore experiments/runs_state/paper.tar
@@ -20,7 +26,9 @@ RL runs still in progress are not kept: they are not resumable and rerun from sc
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import shutil
 import sys
 import tarfile
 import zipfile
@@ -57,22 +65,52 @@ def kept_checkpoints(work: Path) -> set[Path]:
     return {p.resolve() for p in keep if p.exists() and work.resolve() in p.resolve().parents}
 
 
-def save(work: Path, out: Path) -> dict:
+def save(work: Path, out: Path, exclude: tuple[str, ...] = ()) -> dict:
+    """Pack ``work`` (module doc). ``exclude``: glob patterns of checkpoints (relative to ``work``) not to keep
+    although the rule would, e.g. the starts of the ``p_train`` rates not chosen, whose every cell is done."""
     work = work.resolve()
-    keep = kept_checkpoints(work)
+    keep = {p for p in kept_checkpoints(work)
+            if not any(fnmatch.fnmatch(str(p.relative_to(work)), pat) for pat in exclude)}
     for p in sorted(keep):  # a checkpoint caught mid-write (a run killed while saving) would resume nothing
         if not zipfile.is_zipfile(p) or zipfile.ZipFile(p).testzip() is not None:
             raise SystemExit(f"{p} is not a whole checkpoint (torch saves a zip archive): stop its run, and remove "
                              "the file to rerun from the one before, or rerun the save once the run has saved again")
-    files = [p for p in sorted(work.rglob("*")) if p.is_file() and (p.suffix != ".ckpt" or p.resolve() in keep)]
+    files = [p for p in sorted(work.rglob("*")) if p.is_file() and p.suffix != ".ckpt"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    manifest = {"work": str(work), "files": len(files), "checkpoints": sorted(str(p.relative_to(work)) for p in keep),
-                "bytes": sum(p.stat().st_size for p in files)}
+    rels = sorted(str(p.relative_to(work)) for p in keep)
+    manifest = {"work": str(work), "files": len(files) + len(keep), "checkpoints": rels,
+                "checkpoint_dir": ckpt_dir(out).name,
+                "bytes": sum(p.stat().st_size for p in (*files, *keep))}
     with tarfile.open(out, "w") as tar:
         for p in files:
             tar.add(p, arcname=str(p.relative_to(work)))
+    dest = ckpt_dir(out)
+    for rel in rels:
+        d = dest / rel
+        if not (d.exists() and _same(d, work / rel)):
+            d.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(work / rel, d)
+    for old in [f for f in dest.rglob("*.ckpt") if str(f.relative_to(dest)) not in rels] if dest.exists() else []:
+        old.unlink()  # a checkpoint no longer kept (its history stays in git)
     out.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def ckpt_dir(tar_path: Path) -> Path:
+    """Where ``save`` puts the checkpoints of ``tar_path``: ``<stem>.ckpts/`` beside it."""
+    return tar_path.with_suffix(".ckpts")
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def restore(tar_path: Path, work: Path | None = None) -> Path:
@@ -85,6 +123,12 @@ def restore(tar_path: Path, work: Path | None = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tar_path) as tar:
         tar.extractall(work, filter="data")
+    src = tar_path.parent / manifest["checkpoint_dir"] if "checkpoint_dir" in manifest else None
+    for rel in manifest["checkpoints"] if src else []:
+        if not (src / rel).exists():
+            raise SystemExit(f"{src / rel} is missing: the save of {tar_path} kept it (see its manifest)")
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, work / rel)
     return work
 
 
@@ -94,11 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("save")
     s.add_argument("work", type=Path)
     s.add_argument("out", type=Path)
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="checkpoints (paths relative to WORK) not to keep, e.g. 'p_train/pt0.1/*'")
     r = sub.add_parser("restore")
     r.add_argument("tar", type=Path)
     a = ap.parse_args(argv)
     if a.cmd == "save":
-        m = save(a.work, a.out)
+        m = save(a.work, a.out, tuple(a.exclude))
         print(json.dumps({k: m[k] for k in ("work", "files", "bytes")} | {"checkpoints": len(m["checkpoints"])}))
     else:
         print(restore(a.tar))

@@ -1,6 +1,7 @@
 """scripts/work_state.py: a work directory packed into the repository keeps what a resumed pipeline needs."""
 import importlib.util
 import json
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -41,6 +42,23 @@ def test_save_keeps_starts_and_untested_cells_and_restores_in_place(tmp_path):
     rel = lambda p: str(p.relative_to(work))
     m = ws.save(work, tmp_path / "state" / "paper.tar")
     assert sorted(m["checkpoints"]) == sorted(rel(p) for p in (start, cot, running, untested))
+    # the checkpoints sit beside the tar, one file each (git stores an unchanged one once), not inside it
+    with tarfile.open(tmp_path / "state" / "paper.tar") as tar:
+        assert not [n for n in tar.getnames() if n.endswith(".ckpt")]
+    kept = tmp_path / "state" / "paper.ckpts"
+    assert sorted(str(f.relative_to(kept)) for f in kept.rglob("*.ckpt")) == sorted(m["checkpoints"])
+    assert (kept / rel(start)).read_bytes() == start.read_bytes()
+    # a later save: a changed checkpoint is copied again, one no longer kept leaves the directory
+    _touch(running, "a later step")
+    untested.unlink()
+    (cells / "train_none_s0.json").write_text(json.dumps({"ckpt": str(cot)}))
+    m = ws.save(work, tmp_path / "state" / "paper.tar")
+    assert (kept / rel(running)).read_bytes() == running.read_bytes() and not (kept / rel(untested)).exists()
+    m = ws.save(work, tmp_path / "state" / "paper.tar", exclude=("p_train/*/tb/coconut/seed0/*",))
+    assert rel(start) not in m["checkpoints"] and rel(cot) not in m["checkpoints"]
+    assert not (kept / rel(start)).exists()
+    m = ws.save(work, tmp_path / "state" / "paper.tar")
+    untested = running
 
     work.rename(tmp_path / "aside")
     assert ws.restore(tmp_path / "state" / "paper.tar") == work.resolve()
@@ -63,3 +81,18 @@ def test_an_unreadable_cell_stops_the_save_by_name(tmp_path):
     _touch(tmp_path / "w" / "cells" / "coconut_s0.json", "{not json")
     with pytest.raises(SystemExit, match="coconut_s0.json"):
         ws.save(tmp_path / "w", tmp_path / "s.tar")
+
+
+def test_a_tar_of_the_first_format_restores_with_its_checkpoints_inside(tmp_path):
+    """The tar of 2026-12-06's first save held its checkpoints; it must still restore."""
+    work = tmp_path / "w"
+    ckpt = _touch(work / "tb/coconut/seed0/checkpoints/last.ckpt")
+    _touch(work / "cells" / "coconut_s0.json", json.dumps({"ckpt": str(ckpt)}))
+    with tarfile.open(tmp_path / "old.tar", "w") as tar:
+        for p in (ckpt, work / "cells" / "coconut_s0.json"):
+            tar.add(p, arcname=str(p.relative_to(work)))
+    (tmp_path / "old.json").write_text(json.dumps({"work": str(work.resolve()), "files": 2,
+                                                   "checkpoints": ["tb/coconut/seed0/checkpoints/last.ckpt"]}))
+    work.rename(tmp_path / "aside")
+    ws.restore(tmp_path / "old.tar")
+    assert ckpt.read_bytes() == (tmp_path / "aside" / ckpt.relative_to(work)).read_bytes()
