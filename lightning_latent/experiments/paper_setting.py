@@ -116,7 +116,7 @@ def edge_lr(chosen: float, tried: list[float] | tuple[float, ...], extensions: i
             max_extensions: int = MAX_LR_EXTENSIONS) -> float | None:
     """The next lr of the recipe grid when ``chosen`` lies on its edge: half the lowest lr tried, or twice the
     highest, until ``max_extensions`` extensions have run; None when the choice is interior (or the budget is
-    spent). Why (decided 2026-12-06 at 07:55 UTC, with 4 of the 18 trials in): from a converged start every
+    spent). Why (decided 2026-12-06 at 07:50 UTC, with 4 of the 18 trials in): from a converged start every
     trial so far lost ground at once, the most at the largest lr, and a grid whose best point is its edge has
     not found the recipe, only a side of it."""
     lo, hi = min(tried), max(tried)
