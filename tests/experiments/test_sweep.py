@@ -347,3 +347,40 @@ def test_the_paper_sweeps_run_their_task_and_refuse_to_run_without_one(name):
     fit = fit_args(cfg.base_config, ov, "tb", "t", "0", Launch(devices=1))
     assert '--data.synthetic={"seed": 0, "min_steps": 5, "max_steps": 5, "max_number": 20, "max_value": 60, ' \
            '"operators": "+-*"}' in fit
+
+
+def test_a_grid_point_requeued_after_a_failure_is_not_counted_as_asked(tmp_path):
+    """A resumed grid sweep must run the points whose trials failed and were enqueued again (WAITING): issue
+    22's recipe grid stopped with two such points never run, and a choice was made without them."""
+    import optuna
+
+    from lightning_latent.experiments.sweep.space import load_sweep_config
+
+    lr = "space.model.optim.grpo_lr={type: categorical, choices: [2.5e-06]}"
+    cfg = load_sweep_config("sweeps/paper_recipe.yaml", ["task=p4_40", lr])
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'g.db'}", sampler=cfg.make_sampler())
+    points = [{"model.perturb.arm": a, "model.optim.grpo_lr": 2.5e-6, "model.grpo.dynamic_sampling": d}
+              for a in ("temperature", "dropout_shared", "dropout_greedy") for d in (False, True)]
+    def ask():
+        t = study.ask()
+        cfg.suggest(t)  # as the driver does: the point's params are set
+        return t
+
+    for params in points[:4]:
+        study.enqueue_trial(params)
+        study.tell(ask(), 0.5)
+    assert not cfg.grid_exhausted(study)
+    failed = []
+    for params in points[4:]:  # asked, then killed (FAIL) ...
+        study.enqueue_trial(params)
+        tr = ask()
+        study.tell(tr, state=optuna.trial.TrialState.FAIL)
+        failed.append(study.trials[tr.number])
+    for f in failed:  # ... and added again as the driver's retry callback does (optuna's Retry*Callback): WAITING
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=f.params,
+                                                  distributions=f.distributions,
+                                                  system_attrs={"retry_history": [f.number]}))
+    assert not cfg.grid_exhausted(study)
+    for _ in points[4:]:
+        study.tell(ask(), 0.4)
+    assert cfg.grid_exhausted(study)

@@ -230,8 +230,10 @@ class SweepConfig:
         points = 1
         for spec in self.space.values():
             points *= len(spec["choices"])
+        # a failed trial's point, enqueued again (WAITING), is not asked yet: the driver must run it, not stop
+        # (issue 22's recipe grid, 2026-12-06: a resumed driver stopped with 2 requeued points never run)
         asked = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False)
-                 if t.state != optuna.trial.TrialState.FAIL and t.params}
+                 if t.state not in (optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING) and t.params}
         return len(asked) >= points
 
 
