@@ -26,6 +26,7 @@ format, its checkpoints inside, restores as well.)
 from __future__ import annotations
 
 import argparse
+import filecmp
 import fnmatch
 import json
 import shutil
@@ -87,7 +88,7 @@ def save(work: Path, out: Path, exclude: tuple[str, ...] = ()) -> dict:
     dest = ckpt_dir(out)
     for rel in rels:
         d = dest / rel
-        if not (d.exists() and _same(d, work / rel)):
+        if not (d.exists() and filecmp.cmp(d, work / rel, shallow=False)):
             d.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(work / rel, d)
     for old in [f for f in dest.rglob("*.ckpt") if str(f.relative_to(dest)) not in rels] if dest.exists() else []:
@@ -99,18 +100,6 @@ def save(work: Path, out: Path, exclude: tuple[str, ...] = ()) -> dict:
 def ckpt_dir(tar_path: Path) -> Path:
     """Where ``save`` puts the checkpoints of ``tar_path``: ``<stem>.ckpts/`` beside it."""
     return tar_path.with_suffix(".ckpts")
-
-
-def _same(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 20), fb.read(1 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def restore(tar_path: Path, work: Path | None = None) -> Path:
