@@ -143,6 +143,16 @@ def choose_noise(df, key: str, arm: str | None = None) -> dict[str, float]:
     return {a: x for a, (_, x) in best.items()}
 
 
+def missing_grid_points(df, n_points: int) -> int:
+    """How many of a grid sweep's ``n_points`` points have no COMPLETE trial (its parameter settings counted
+    once each). Why: at 09:12 UTC on 2026-12-06 a resumed sweep stopped with two requeued points never run,
+    and the step chose over the rest; a grid step now refuses to choose until this is 0."""
+    done = df[df["state"] == "COMPLETE"] if len(df) else df
+    cols = [c for c in done.columns if c.startswith("params_")]
+    have = len(done[cols].astype(str).drop_duplicates()) if len(done) and cols else 0
+    return max(n_points - have, 0)
+
+
 def _yaml(v) -> str:
     """A value as the sweep's ``--set`` parses it back (YAML: ``2e-05`` would be a string, ``2.0e-05`` a float)."""
     import yaml
@@ -317,11 +327,15 @@ class PaperSetting:
         if any(proc.returncode for proc, _ in procs):
             raise SystemExit(f"sweep {name} failed; see {out}/driver*.log")
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+        df = trials_frame(study)
+        if missing := missing_grid_points(df, n_trials):
+            raise SystemExit(f"sweep {name}: {missing} of its {n_trials} grid points have no completed trial; "
+                             f"no choice is made over it (rerun to finish it; see {out}/driver*.log)")
         for fname in ("summary.md", "trials.csv"):
             if (out / fname).exists():
                 (self.out / name).mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / fname, self.out / name / fname)
-        return trials_frame(study)
+        return df
 
     def noise_sets(self) -> dict[str, tuple[list[str], int, int]]:
         """The noise grids at the recipe: name -> (--set values, trials, workers)."""

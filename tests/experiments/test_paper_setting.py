@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from lightning_latent.experiments.paper_setting import (ADOPTED, RECIPE_LRS, PaperSetting, choose_noise,
-                                                        choose_p_train, choose_recipe, edge_lr, more_seeds_needed,
-                                                        primary_intervals, rl_gain)
+                                                        choose_p_train, choose_recipe, edge_lr, missing_grid_points,
+                                                        more_seeds_needed, primary_intervals, rl_gain)
 from lightning_latent.experiments.study import BUDGETS, Study
 from lightning_latent.experiments.sweep.space import load_sweep_config
 from lightning_latent.metrics import t975
@@ -273,3 +273,56 @@ def test_the_recipe_step_extends_its_lr_grid_at_the_edge_and_chooses_over_every_
     assert ps.choices()["recipe_grid"]["lrs"] == [2.5e-6, *RECIPE_LRS]
     ps.step_recipe()  # chosen: a rerun sweeps nothing
     assert len(calls) == 2
+
+
+def test_missing_grid_points_by_hand():
+    pts = {(lr, ds): (0.4, 0.4, 0.4) for lr in RECIPE_LRS for ds in (False, True)}
+    df = _recipe_frame(pts)
+    assert missing_grid_points(df, 18) == 0
+    df.loc[[0, 4], "state"] = "WAITING"  # two points requeued, never run
+    assert missing_grid_points(df, 18) == 2
+    df.loc[[0], "state"] = "FAIL"
+    df = pd.concat([df, df.iloc[[0]].assign(state="COMPLETE")], ignore_index=True)  # a retry completed it
+    assert missing_grid_points(df, 18) == 1
+    assert missing_grid_points(df.iloc[:0], 6) == 6
+
+
+def test_a_grid_step_refuses_to_choose_while_a_point_has_no_completed_trial(chosen, monkeypatch, tmp_path):
+    """The sweep drivers exit 0 with two of the six points only requeued (the 09:12 bug): the step stops, it
+    does not choose over the other four."""
+    import optuna
+
+    from lightning_latent.experiments import paper_setting as mod
+
+    ps, _ = chosen
+    out = ps.work / "recipe_lr2.5e-06"
+    out.mkdir(parents=True)
+    study = optuna.create_study(study_name="recipe_lr2.5e-06", storage=f"sqlite:///{out / 'study.db'}",
+                                direction="maximize")
+    dist = {"model.perturb.arm": optuna.distributions.CategoricalDistribution(
+        ["temperature", "dropout_shared", "dropout_greedy"]),
+        "model.grpo.dynamic_sampling": optuna.distributions.CategoricalDistribution([False, True])}
+    for i, (arm, ds) in enumerate((a, d) for a in dist["model.perturb.arm"].choices for d in (False, True)):
+        params = {"model.perturb.arm": arm, "model.grpo.dynamic_sampling": ds}
+        if i < 4:
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=0.5))
+        else:
+            study.enqueue_trial(params)
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, *a, **k):
+            pass
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(mod.subprocess, "Popen", Done)
+    monkeypatch.setattr(mod.time, "sleep", lambda s: None)
+    with pytest.raises(SystemExit, match="2 of its 6 grid points have no completed trial"):
+        ps.sweep("recipe_lr2.5e-06", "paper_recipe.yaml", [], 6, 2)
+    # once every point has completed, the same call returns the trials
+    for params in ({"model.perturb.arm": "dropout_greedy", "model.grpo.dynamic_sampling": d} for d in (False, True)):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=0.45))
+    assert len(ps.sweep("recipe_lr2.5e-06", "paper_recipe.yaml", [], 6, 2)) == 8
