@@ -115,7 +115,7 @@ class LatentCLI(LightningCLI):
 def main(args=None) -> LatentCLI:
     quiet.install()
     torch.set_float32_matmul_precision("high")
-    return LatentCLI(
+    cli = LatentCLI(
         LatentReasoner,
         LatentDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
@@ -124,3 +124,16 @@ def main(args=None) -> LatentCLI:
         parser_kwargs={"default_env": False, "description": DESCRIPTION},
         args=args,
     )
+    end_process_group()
+    return cli
+
+
+def end_process_group() -> None:
+    """Destroy the default process group of a finished DDP run, if any. Why: Lightning registers this at exit for
+    NCCL only; a gloo (CPU) group left to the interpreter's finalisation can abort the process (``terminate
+    called without an active exception``, SIGABRT, pytorch#190489). A rank that aborts at exit fails its torchrun
+    agent even though training finished, and on a multi-node run the other nodes' agents then wait out their exit
+    barrier (300 s) before returning: seen in ``test_torchrun_two_nodes_on_loopback`` on 2026-12-06. Called on
+    the success path only: after an exception another rank may still be inside a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

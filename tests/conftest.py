@@ -90,6 +90,23 @@ def coconut_fixture():
     return json.loads(path.read_text())
 
 
+def run_cli_cases(cases: list[list[str]], cwd: Path, env: dict | None = None, timeout: int = 600) -> list[dict]:
+    """Each argument list through the CLI, all in one process (``tests/cli_many.py``): per case ``{"rc",
+    "stderr"}`` as a process of its own would have reported them. For inputs the CLI refuses before training."""
+    import os
+    import subprocess
+    import sys
+
+    f = cwd / "cli_cases.json"
+    f.write_text(json.dumps(cases))
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    p = subprocess.run([sys.executable, str(TESTS / "cli_many.py"), str(f)], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout, env=e, check=False)
+    lines = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith('{"rc"')]
+    assert p.returncode == 0 and len(lines) == len(cases), p.stderr[-4000:]
+    return lines
+
+
 def tiny_trainer(root, **overrides):
     """A CPU Trainer for in-process tiny fits: the schedule decides the length (one epoch per segment),
     no logger, checkpoints or progress bar unless asked for."""

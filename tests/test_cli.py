@@ -42,3 +42,27 @@ def test_the_cli_links_data_settings_into_the_model_and_adds_its_callbacks(tmp_p
     assert ck.save_last is True and ck._every_n_train_steps == 100
     assert cli.trainer.logger.save_dir == str(tmp_path)  # --trainer.default_root_dir moves the default logs
     assert cli.trainer.max_epochs == -1 and cli.trainer.reload_dataloaders_every_n_epochs == 1
+
+
+def test_main_destroys_the_process_group_of_a_finished_ddp_run(tmp_path, monkeypatch):
+    """A gloo group left to interpreter finalisation can abort the process at exit (SIGABRT), which fails its
+    torchrun agent and makes a multi-node run's other agents wait 300 s at their exit barrier. ``main`` ends the
+    group once the run has finished (a one-process gloo group stands in for the run's)."""
+    import torch.distributed as dist
+
+    from lightning_latent import cli as cli_mod
+
+    class Run:  # stands in for LatentCLI: the run initialises a process group, as DDP does
+        def __init__(self, *a, **k):
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    monkeypatch.setattr(cli_mod, "LatentCLI", Run)
+    monkeypatch.setattr(cli_mod.quiet, "install", lambda: None)
+    monkeypatch.setattr(cli_mod.torch, "set_float32_matmul_precision", lambda p: None)
+    try:
+        assert isinstance(cli_mod.main([]), Run)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    cli_mod.end_process_group()  # no group: nothing to do

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TESTS, write_gsm8k_folder
+from conftest import TESTS, run_cli_cases, write_gsm8k_folder
 
 FAULTS_RUN = str(TESTS / "faults_run.py")
 TINY = ["--model.backbone.n_layer", "1", "--model.backbone.n_embd", "32", "--model.backbone.n_head", "2",
@@ -224,19 +224,28 @@ def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
     assert torch.equal(emb, w.after[2])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
+BAD_INPUTS = [
     (["--model.no_such_key", "3"], r"unrecognized arguments: --model.no_such_key"),
     (["--model.batch_size", "0"], r"batch_size=0"),
     (["--model.backbone.name_or_path", "no-such-org/no-such-model"], r"cannot load tokenizer 'no-such-org/no-such-model'"),
     (["--data.task", "gsm8k", "--data.hub_name", "no-such-org/no-such-data"], r"no-such-org/no-such-data"),
     (["--data.task", "gsm8k", "--data.path", "/nonexistent/gsm8k"], r"missing data path: /nonexistent/gsm8k"),
-])
-def test_bad_config_and_unreachable_names_fail_before_training(tmp_path, args, message):
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The CLI on every bad input, in one process (tests/cli_many.py; each case as its own process reports)."""
+    cwd = tmp_path_factory.mktemp("bad_inputs")
+    return cwd, run_cli_cases([["fit", *TINY, *args] for args, _ in BAD_INPUTS], cwd, {"HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[m for _, m in BAD_INPUTS])
+def test_bad_config_and_unreachable_names_fail_before_training(bad_input_runs, case):
     import re
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, FAULTS_RUN, "fit", *TINY, *args], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode != 0 and re.search(message, p.stderr), p.stderr[-3000:]
-    assert not list(tmp_path.glob("logs/**/*.ckpt"))  # nothing trained
+    cwd, runs = bad_input_runs
+    r, message = runs[case], BAD_INPUTS[case][1]
+    assert r["rc"] != 0 and re.search(message, r["stderr"]), r["stderr"][-3000:]
+    assert not list(cwd.glob("logs/**/*.ckpt"))  # nothing trained
