@@ -14,8 +14,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import faults  # noqa: F401  (registers the test reward)
-from lightning_latent.cli import main
+from faults_run import main  # the CLI with tests/faults.py's test reward registered
 
 
 def run_case(args: list[str]) -> dict:
