@@ -119,6 +119,30 @@ def scalars(acc: EventAccumulator | str | Path, tags: Iterable[str] | None = Non
     return out
 
 
+def attempt_scalars(logdir: str | Path, tags: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
+    """:func:`scalars` of a run directory that several attempts wrote: a killed run resumed from its
+    checkpoint into the same directory writes a new events file, and logs again the steps between that
+    checkpoint and the kill. Each later attempt's values of a tag replace the earlier attempts' from its first
+    step of that tag on, so the curve (and a sum over it) is the uninterrupted run's. TensorBoard's own purge
+    does not do it: for version-2 event files it waits for a ``SessionLog.START`` that Lightning never writes."""
+    import pandas as pd
+
+    files = sorted(Path(logdir).glob("events.out.tfevents.*"))
+    if len(files) <= 1:
+        return scalars(logdir, tags)
+    per_file = [s for s in (scalars(str(f), tags) for f in files) if s]
+    per_file.sort(key=lambda s: min(df["wall_time"].min() for df in s.values()))  # the attempts in order
+    out = {}
+    for tag in {t for s in per_file for t in s}:
+        frames = [s[tag] for s in per_file if tag in s]
+        kept = []
+        for i, df in enumerate(frames):
+            later = [f["step"].min() for f in frames[i + 1:]]
+            kept.append(df[df["step"] < min(later)] if later else df)
+        out[tag] = pd.concat(kept).sort_values(["step", "wall_time"], kind="stable").reset_index(drop=True)
+    return out
+
+
 # -- hyperparameters -----------------------------------------------------------------------------------
 def flatten_hparams(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts / dataclasses -> ``{"a.b": scalar}``; None becomes ``"None"`` and lists and other

@@ -6,8 +6,9 @@ worker processes, one after another (:mod:`.cell_worker`: the same command line,
 seconds of process start and imports per cell); ``in_process=False`` starts one process per cell, as
 before. A cell (a Coconut checkpoint, the start's validation, an arm's training, a test evaluation)
 writes ``OUT/cells/<cell>.json`` when it finishes; a rerun with the same ``--out`` skips finished cells,
-resumes an unfinished start (the long curriculum) from its ``last.ckpt``, and restarts other unfinished
-cells (a few minutes each) from scratch.
+resumes an unfinished start (the long curriculum) or arm training (its ``seconds`` then count the last
+attempt only; the cell says ``resumed``) from its ``last.ckpt``, and restarts other unfinished cells (a
+few minutes each) from scratch.
 
 What a cell computes and nobody reads is not computed: an RL cell skips the phase-end evaluations (its
 validation curve chooses its checkpoint; its test cell tests it) and the phase checkpoint, and the
@@ -31,8 +32,8 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from ..answers import answers_equal
@@ -40,7 +41,8 @@ from ..metrics import majority_vote, pass_at_k
 from ..model.arms import get_arm, study_arms
 from .cell_worker import CellWorker
 from .processes import REPO_ROOT, RUN_SCRIPT, run_process, shell_line
-from .reporting import scalars, write_csv
+from .reporting import attempt_scalars, write_csv
+from .scheduling import run_by_priority
 from .study_report import converged_cell
 from .tasks import FLOOR_LR, TASKS, schedule_args, task_args
 
@@ -450,7 +452,11 @@ class Study:
                 "--checkpoint.every_n_train_steps", "null", "--checkpoint.filename", "best",
                 # what nobody reads: the phase-end evaluations (the start's is start_val's) and phase checkpoint
                 "--summary.splits", "[]", "--summary.evaluate_start", "false", "--summary.phase_checkpoints", "false"]
-        vdir = self._run(args, arm, f"seed{seed}", cell)
+        # resumable: an RL cell (about 20 minutes) killed at a session's end continues from its last validation's
+        # checkpoint, with its best-so-far (ModelCheckpoint's state) and exactly the uninterrupted numbers
+        vdir = self._run(args, arm, f"seed{seed}", cell, resumable=True)
+        runs = [ln for ln in (self.cells / f"{cell}.log").read_text().splitlines() if ln.startswith("$ ")]
+        resumed = bool(runs) and "--ckpt_path" in runs[-1]  # (a resume that failed started again from scratch)
         best = vdir / "checkpoints" / "best.ckpt"
         curves = read_curves(vdir, ("grpo/frac_zero_std", "grpo/reward_mean", "grpo/frac_all_correct",
                                     "grpo/frac_all_wrong", "grpo/frac_mixed", "val/pass@1", *COMPUTE))
@@ -460,7 +466,7 @@ class Study:
         return self._finish(cell, {"ckpt": str(best if best.exists() else vdir / "checkpoints" / "last.ckpt"),
                                    "frac_zero_std": sum(v for _, v in fz) / len(fz) if fz else float("nan"),
                                    "start_val": start_val, "curves": curves, "compute": compute,
-                                   "seconds": seconds})
+                                   "seconds": seconds, **({"resumed": True} if resumed else {})})
 
     def evaluate(self, seed: int, tag: str, ckpt: str, arm_cfg: str | None) -> dict:
         cell = f"test_{tag}_s{seed}"
@@ -493,22 +499,27 @@ class Study:
 
     # -- the study -----------------------------------------------------------------------------------
     def run(self) -> None:
-        """Every cell not finished yet: the Coconut starts (in parallel), then each seed's start evaluation
-        and each (seed, arm) training + evaluation chain (in parallel, ``jobs`` at a time)."""
+        """Every cell not finished yet, ``jobs`` at a time, seed by seed (:mod:`.scheduling`): a seed's start
+        (the curriculum, checked and extended), then, queued ahead of later seeds' starts, its start's test
+        and each arm's training + test chain. A study stopped early has whole seeds, not every start half built."""
         try:
             first = self.start(0)
             if self.diversity and not (self.out / "diversity.csv").exists():
                 self.run_diversity(first)
-            with ThreadPoolExecutor(self.jobs) as pool:
-                starts = dict(zip(range(self.seeds), pool.map(self.start, range(self.seeds))))  # checked, extended
-                chains = [pool.submit(self.evaluate, s, "coconut", starts[s], None) for s in range(self.seeds)]
-                chains += [pool.submit(self._arm_chain, s, arm, starts[s]) for s in range(self.seeds)
-                           for arm in self.arms]
-                for c in chains:
-                    c.result()  # re-raises a failed cell
+            run_by_priority([((s, 0), partial(self._seed_cells, s)) for s in range(self.seeds)], self.jobs)
         finally:
             self.close()
         self.report()
+
+    def _seed_cells(self, seed: int) -> list:
+        """Seed ``seed``'s start (checked, extended), then its cells, as jobs for :func:`run_by_priority`."""
+        start = self.start(seed)
+
+        def cell(fn, *args) -> None:  # a leaf job: no follow-ups
+            fn(*args)
+
+        return [((seed, 1), partial(cell, self.evaluate, seed, "coconut", start, None)),
+                *(((seed, 1), partial(cell, self._arm_chain, seed, arm, start)) for arm in self.arms)]
 
     def _check_seed_start(self, seed: int, start: str) -> None:
         """Refuse a seed's finished cells computed from another start (a start checked again, e.g. repaired
@@ -527,8 +538,9 @@ class Study:
         # the CoT model sits beside the curriculum's checkpoint (an extended start is elsewhere)
         arm_start = str(Path(self.coconut(seed)).with_name("phase-cot.ckpt")) if get_arm(arm).start == "cot" else start
         tr = self.train_arm(seed, arm, arm_start)
-        if not Path(tr["ckpt"]).exists():  # trained on another machine: train again (deterministic)
+        if not Path(tr["ckpt"]).exists():  # trained on another machine: train again (deterministic), from step 0
             (self.cells / f"train_{arm}_s{seed}.json").unlink()
+            shutil.rmtree(self.tb / arm / f"seed{seed}", ignore_errors=True)  # no resume from a leftover last.ckpt
             tr = self.train_arm(seed, arm, arm_start)
         return self.evaluate(seed, arm, tr["ckpt"], arm)
 
@@ -579,6 +591,7 @@ def score(rows: list[dict], k: int) -> dict:
 
 def read_curves(logdir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
     """``{tag: [(step, value), ...]}`` of the ``tags`` a run logged, as JSON-ready lists (kept in the cell
-    file, which outlives the event files of a cleaned-up run)."""
+    file, which outlives the event files of a cleaned-up run); a resumed run's curves as if uninterrupted
+    (:func:`~.reporting.attempt_scalars`)."""
     return {t: [(int(st), float(v)) for st, v in zip(df["step"], df["value"])]
-            for t, df in scalars(logdir, tags).items()}
+            for t, df in attempt_scalars(logdir, tags).items()}

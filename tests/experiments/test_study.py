@@ -432,3 +432,76 @@ def test_an_arms_test_cell_samples_under_its_own_noise(tmp_path):
     k, prompts, steps, mu = 2, 2, b.grpo_steps, 2  # the tiny budget: 2 prompts x K=2; the recipe's mu
     assert compute["rollouts"] == steps * prompts * k and compute["optimizer_steps"] == steps * mu
     assert compute["forward_positions"] > 0 and set(compute) == {"rollouts", "forward_positions", "optimizer_steps"}
+
+
+def test_study_run_finishes_a_seed_before_the_next_seeds_start(tmp_path, monkeypatch):
+    """Study.run's order (one job): seed 0's start, its test and arms, then seed 1's start... A study stopped
+    at a session's end has whole seeds; before 2026-12-06 every start came first (hours of starts, no arm)."""
+    from lightning_latent.experiments.study import Study
+
+    st = Study(tmp_path / "out", seeds=3, arms=("none", "temperature"), budget="tiny", work=tmp_path / "work",
+               diversity=False, jobs=1)
+    ran = []
+    monkeypatch.setattr(Study, "start", lambda self, s: ran.append(f"start{s}") or f"ckpt{s}")
+    monkeypatch.setattr(Study, "evaluate", lambda self, s, tag, ckpt, cfg: ran.append(f"test_{tag}{s}:{ckpt}"))
+    monkeypatch.setattr(Study, "_arm_chain", lambda self, s, arm, ckpt: ran.append(f"{arm}{s}:{ckpt}"))
+    monkeypatch.setattr(Study, "report", lambda self: None)
+    st.run()
+    assert ran == ["start0",  # (run's own first call: the diversity measurement's start)
+                   "start0", "test_coconut0:ckpt0", "none0:ckpt0", "temperature0:ckpt0",
+                   "start1", "test_coconut1:ckpt1", "none1:ckpt1", "temperature1:ckpt1",
+                   "start2", "test_coconut2:ckpt2", "none2:ckpt2", "temperature2:ckpt2"]
+
+
+@pytest.mark.slow
+def test_a_killed_arm_training_resumes_to_exactly_the_uninterrupted_cell(tmp_path, monkeypatch):
+    """An RL cell SIGKILLed at step 3 of 4 (its last checkpoint at the validation of step 2) is continued from
+    that checkpoint, not trained again from step 0, and its cell is the uninterrupted one's: the same curves
+    (no step counted twice in the compute sums), the same best checkpoint, bit for bit."""
+    from dataclasses import replace
+
+    import torch
+    from conftest import TESTS
+
+    import lightning_latent.experiments.study as study_mod
+
+    monkeypatch.setattr(study_mod, "RUN_SCRIPT", TESTS / "faults_run.py")  # run.py + the text_hash reward
+    arm, work = "dropout_shared", tmp_path / "work"
+
+    def budget(kill_at=None):
+        faults = [{"class_path": "faults.Faults", "init_args": {"kill_at": kill_at}}]
+        return replace(study_mod.BUDGETS["tiny"], grpo_steps=4, val_interval=2, curve_steps=(2, 4), arm_args={
+            arm: ["--model.grpo.reward", "text_hash", "--trainer.callbacks", json.dumps(faults)]})
+
+    st = study_mod.Study(tmp_path / "out", seeds=1, arms=(arm,), budget=budget(), work=work, diversity=False,
+                         in_process=False)
+    start = st.start(0)
+    ref = st.train_arm(0, arm, start)  # uninterrupted; then moved aside
+    vdir, cell = st.tb / arm / "seed0", st.cells / f"train_{arm}_s0.json"
+    shutil.move(vdir, tmp_path / "ref_run")
+    cell.unlink()
+    (st.cells / f"train_{arm}_s0.log").unlink()
+
+    st.budget = budget(kill_at=3)
+    with pytest.raises(RuntimeError, match="failed"):
+        st.train_arm(0, arm, start)
+    assert not cell.exists()
+    killed = torch.load(vdir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert killed["schedule_state"]["step_count"] == 2
+    st.budget = budget()
+    got = st.train_arm(0, arm, start)
+
+    runs = [ln for ln in (st.cells / f"train_{arm}_s0.log").read_text().splitlines() if ln.startswith("$ ")]
+    assert len(runs) == 2 and "--ckpt_path" not in runs[0] and "--ckpt_path" in runs[1]
+    assert got.pop("resumed") is True and "resumed" not in ref
+    for r in (ref, got):
+        r.pop("seconds"), r.pop("ckpt")
+    assert got == ref  # curves (every step once), frac_zero_std, the compute sums, the start's validation
+    assert [s for s, _ in got["curves"]["grpo/reward_mean"]] == [0, 1, 2, 3]  # (step 2 was logged twice)
+    assert len({v for _, v in got["curves"]["grpo/reward_mean"]}) > 1  # a real learning signal (text_hash)
+    a = torch.load(tmp_path / "ref_run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(vdir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert sorted(p.name for p in (vdir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no best-v1
