@@ -11,7 +11,9 @@ checkpoints only those that cost hours and cannot be rebuilt by rerunning a shor
 - ``last.ckpt`` and ``phase-cot.ckpt`` of every supervised start run (``tb/{coconut,extend,repair}/*``):
   those of a start still training resume from there (``cot_grpo`` starts from ``phase-cot.ckpt``).
 
-RL runs still in progress are not kept: they are not resumable and rerun from scratch.
+RL runs still in progress are not kept: on the same machine (the directory stays) they resume from their
+``last.ckpt``; on a new one they rerun from scratch (about 20 minutes each; their two checkpoints would add
+about 25 MB to the repository at every save).
 The checkpoints go beside the tar, each as its own file under ``<tar stem>.ckpts/`` at its path in the work
 directory, not inside the tar: a checkpoint that did not change between two saves (a finished start) is then
 the same git blob, stored once in the repository's history, where a tar holding it would store it again at
