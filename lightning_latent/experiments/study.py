@@ -92,6 +92,9 @@ class Budget:
     # pass@k / maj@k of an arm's test cell sampled under the arm's own training noise (its masks and answer
     # temperature: issue 22) instead of one shared sampler (eval_p); the start's test cell keeps the latter.
     own_noise: bool = False
+    # The lr of sft_continue, the control "training longer": the lr the start ended at. 1e-4 is the constant lr of
+    # the coconut.yaml starts; a converged start decays to converged_lr and continues there (converged_budget).
+    sft_lr: float = 1.0e-4
     # Per-arm arguments of its train and test cells (e.g. a dropout arm's rollout p from its grid).
     arm_args: dict[str, list[str]] = field(default_factory=dict)
     # What with_settings added (recorded in the report): {"grpo": {KEY: VALUE}, "arms": {ARM: {KEY: VALUE}}}
@@ -150,7 +153,7 @@ def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) ->
     return Budget(grpo_steps=300, val_interval=25, val_limit=2000, test_limit=5000, start_config="converged.yaml",
                   start_val_limit=False, curve_steps=(25, 50, 100, 200, 300),
                   coconut_args=schedule_args(task), common=common,
-                  converged_lr=FLOOR_LR, own_noise=True, max_extensions=3, extension_steps=1000,
+                  converged_lr=FLOOR_LR, sft_lr=FLOOR_LR, own_noise=True, max_extensions=3, extension_steps=1000,
                   final_stage=TASKS[task].stages, masks_off_check=p_train > 0,
                   arm_args={a: ["--model.perturb.p", str(rollout_p)] for a in dropout_arms})
 
@@ -446,7 +449,8 @@ class Study:
         b = self.budget
         start_val = self.start_val(seed, arm, start)
         t = time.perf_counter()
-        args = [*self._arm_args(seed, arm, start, b.grpo_steps), "--trainer.val_check_interval", str(b.val_interval),
+        args = [*self._arm_args(seed, arm, start, b.grpo_steps, sft_lr=b.sft_lr),
+                "--trainer.val_check_interval", str(b.val_interval),
                 "--trainer.log_every_n_steps", "1",  # the training-reward curve at every step ("learns")
                 "--checkpoint.monitor", "val/pass@1", "--checkpoint.mode", "max", "--checkpoint.save_top_k", "1",
                 "--checkpoint.every_n_train_steps", "null", "--checkpoint.filename", "best",

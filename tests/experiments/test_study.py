@@ -505,3 +505,31 @@ def test_a_killed_arm_training_resumes_to_exactly_the_uninterrupted_cell(tmp_pat
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert sorted(p.name for p in (vdir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no best-v1
+
+
+def test_sft_continue_trains_at_the_lr_its_start_ended_at(tmp_path, monkeypatch):
+    """The control "training longer": at 1e-4 (the coconut.yaml starts' constant lr) by default, and at the floor
+    lr for a converged start, which decayed to it (before 2026-12-06 it restarted at 1e-4, 10x its last lr:
+    -10 points on seed 0 of issue 22's study, a restart rather than training longer)."""
+    from lightning_latent.experiments.study import BUDGETS, Study
+    from lightning_latent.experiments.tasks import FLOOR_LR
+
+    class Seen(Exception):
+        pass
+
+    def lr_of(budget):
+        def fake_run(self, args, name, version, cell, resumable=False):
+            raise Seen(json.loads(args[args.index("--model.schedule") + 1])[0])
+
+        monkeypatch.setattr(Study, "_run", fake_run)
+        monkeypatch.setattr(Study, "start_val", lambda self, seed, arm, start: 0.5)
+        st = Study(tmp_path / budget, seeds=1, arms=("sft_continue",), budget=budget, work=tmp_path / budget)
+        with pytest.raises(Seen) as e:
+            st.train_arm(0, "sft_continue", "start.ckpt")
+        phase = e.value.args[0]
+        assert phase["kind"] == "sft" and phase["steps"] == st.budget.grpo_steps
+        return phase["lr"]
+
+    assert lr_of("default") == 1.0e-4
+    assert lr_of("converged_p4_40") == FLOOR_LR == BUDGETS["converged_p4_40"].converged_lr == 1.0e-5
+    assert BUDGETS["converged_p4_40"].with_settings({"grpo": {"model.optim.grpo_lr": 1.25e-6}}).sft_lr == FLOOR_LR
