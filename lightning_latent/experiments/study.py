@@ -141,7 +141,8 @@ def converged_budget(task: str, p_train: float = 0.1, rollout_p: float = 0.1) ->
     feature masks at ``p_train`` on half its sequences, the other half masks off (:data:`UNMASKED_SHARE`)
     (plateau rule on 2,000 validation problems, lr decayed to the floor; scripts/difficulty.py ran seed 0's at
     p_train 0.1, all sequences masked, as the task's probe); every start gets the converged
-    check at the floor's lr (``sft_continue`` keeps training under the start's masks), and with ``p_train`` > 0
+    check at the floor's lr (``sft_continue`` keeps training under the start's masks; the ``sft_continue`` arm
+    trains at that lr too: the lr the start ended at), and with ``p_train`` > 0
     the same check masks off, repaired while it fails (:attr:`Budget.masks_off_check`); the dropout arms roll
     out at ``rollout_p`` (until their grid picks); 300 GRPO steps with validation on 2,000 problems every 25
     (the last study's 100 steps ended 13 of 25 cells on their last checkpoint); 5,000 test problems;
