@@ -326,3 +326,28 @@ def test_a_grid_step_refuses_to_choose_while_a_point_has_no_completed_trial(chos
     for params in ({"model.perturb.arm": "dropout_greedy", "model.grpo.dynamic_sampling": d} for d in (False, True)):
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=0.45))
     assert len(ps.sweep("recipe_lr2.5e-06", "paper_recipe.yaml", [], 6, 2)) == 8
+
+
+def test_study_so_far_reports_finished_seeds_only(chosen, monkeypatch):
+    """scripts/study_so_far.py refuses, naming what is missing, before settings exist and while a seed it is
+    asked for has unfinished cells (its report on finished seeds was run by hand on the real study)."""
+    import importlib.util
+    import shutil
+    import sys
+
+    from lightning_latent.experiments.study import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("study_so_far", REPO_ROOT / "scripts" / "study_so_far.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ps, _ = chosen
+    (ps.work / "docs" / "paper_setting").mkdir(parents=True)
+    shutil.copy(ps.choices_file, ps.work / "docs" / "paper_setting" / "choices.json")
+    argv = ["study_so_far.py", "--work", str(ps.work), "--seeds", "1", "--out", str(ps.work / "so_far")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="no settings chosen yet"):
+        mod.main()
+    ps.choose("settings", {"grpo": ps.choices()["recipe"], "arms": {}})
+    shutil.copy(ps.choices_file, ps.work / "docs" / "paper_setting" / "choices.json")
+    with pytest.raises(SystemExit, match=r"16 cell\(s\) not finished .*train_none_s0"):
+        mod.main()
