@@ -13,8 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_latent.experiments.paper_setting import PaperSetting  # noqa: E402
-from lightning_latent.experiments.study import ARMS  # noqa: E402
+from lightning_latent.experiments.paper_setting import PaperSetting
+from lightning_latent.experiments.study import ARMS
 
 
 def main() -> None:
