@@ -190,6 +190,8 @@ def test_the_report_puts_the_primary_comparisons_first(tmp_path):
     assert "+25.0 ± 0.0" in rows[0] and "+25.0 ± 0.0" in rows[1]  # one more problem of 4 on both seeds
     assert not any(r.startswith("| dropout_shared − temperature |") for r in rows)  # not twice
     assert (tmp_path / "training_curves.png").exists()
+    per_seed = md.split("## Test pass@1 per seed")[1].split("##")[0]  # each seed's start: its own headroom
+    assert "| coconut_start | 25.0 | 25.0 |" in per_seed and "| dropout_shared | 75.0 | 75.0 |" in per_seed
 
 
 def test_the_p_train_cells_run_at_their_own_lr_and_rate(tmp_path):
