@@ -175,8 +175,8 @@ class StudyReport:
         rows = [[arm, *[f"{100 * at[(arm, s)]:.1f}" if (arm, s) in at else "-" for s in seeds]]
                 for arm in ("coconut_start", *self.arms) if any((arm, s) in at for s in seeds)]
         return ["", "## Test pass@1 per seed", "",
-                "Each seed trains its own start; its test pass@1 (the `coconut_start` row) is the headroom its arms "
-                "start from, and every paired difference below is taken within a seed.", "",
+                ("Each seed trains its own start; its test pass@1 (the `coconut_start` row) is the headroom its arms "
+                 "start from, and every paired difference below is taken within a seed."), "",
                 markdown_table(["arm", *[f"seed {s}" for s in seeds]], rows)]
 
     def reward_trends(self) -> dict[str, dict[int, dict]]:
