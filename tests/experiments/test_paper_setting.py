@@ -184,7 +184,8 @@ def test_the_report_puts_the_primary_comparisons_first(tmp_path):
     rep = StudyReport(tmp_path, tmp_path / "tb", cells, 2, tuple(right), BUDGETS["converged_p4_20"], 0.0)
     rep.write()
     md = (tmp_path / "results.md").read_text()
-    rows = [line for line in md.splitlines() if " − " in line]
+    paired = md.split("## Paired differences")[1].split("##")[0]
+    rows = [line for line in paired.splitlines() if " − " in line]
     assert rows[0].startswith("| dropout_shared − temperature (primary) |")
     assert rows[1].startswith("| dropout_greedy − none (primary) |")
     assert "+25.0 ± 0.0" in rows[0] and "+25.0 ± 0.0" in rows[1]  # one more problem of 4 on both seeds
@@ -192,6 +193,34 @@ def test_the_report_puts_the_primary_comparisons_first(tmp_path):
     assert (tmp_path / "training_curves.png").exists()
     per_seed = md.split("## Test pass@1 per seed")[1].split("##")[0]  # each seed's start: its own headroom
     assert "| coconut_start | 25.0 | 25.0 |" in per_seed and "| dropout_shared | 75.0 | 75.0 |" in per_seed
+
+
+def test_the_report_splits_the_primary_comparisons_by_the_starts_headroom(tmp_path):
+    """Seeds whose start's test pass@1 lies in the issue's 25-60% band, and the rest, each get the primary
+    comparisons: the split reads the start only."""
+    from lightning_latent.experiments.study_report import StudyReport
+
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    starts = {0: [1, 1, 0, 0], 1: [1, 1, 1, 1], 2: [1, 0, 0, 0]}  # 50% (in), 100% (out), 25% (in: the band's edge)
+    gain = {0: [1, 1, 1, 0], 1: [1, 1, 1, 1], 2: [1, 1, 0, 0]}  # dropout_shared: +1, 0, +1 problem over temperature
+    for s, c in starts.items():
+        arms = {"coconut": c, "temperature": c, "dropout_shared": gain[s], "none": c, "dropout_greedy": c}
+        for arm, cc in arms.items():
+            (cells / f"test_{arm}_s{s}.json").write_text(json.dumps(
+                {"pass@1": sum(cc) / 4, "sampled_pass@1": 0.0, "maj@8": 0.0, "pass@8": 0.0, "n_eval": 4, "correct": cc}))
+            if arm != "coconut":
+                (cells / f"train_{arm}_s{s}.json").write_text(json.dumps({"frac_zero_std": 0.5, "curves": {}}))
+    StudyReport(tmp_path, tmp_path / "tb", cells, 3, ("none", "temperature", "dropout_shared", "dropout_greedy"),
+                BUDGETS["converged_p4_20"], 0.0).write()
+    table = (tmp_path / "results.md").read_text().split("## The primary comparisons by the start's headroom")[1]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines() if " − " in line}
+    assert "s0 (50%), s1 (100%), s2 (25%)" in rows[("dropout_shared − temperature", "all seeds")]
+    assert rows[("dropout_shared − temperature", "all seeds")].endswith("| +16.7 ± 35.9 |")  # t(2) 4.303 * 0.144 / sqrt(3)
+    assert "s0 (50%), s2 (25%)" in rows[("dropout_shared − temperature", "start in 25-60%")]
+    assert rows[("dropout_shared − temperature", "start in 25-60%")].endswith("| +25.0 ± 0.0 |")
+    assert rows[("dropout_shared − temperature", "start outside it")].endswith("| s1 (100%) | +0.0 |")
+    assert rows[("dropout_greedy − none", "start outside it")].endswith("| s1 (100%) | +0.0 |")
 
 
 def test_the_p_train_cells_run_at_their_own_lr_and_rate(tmp_path):
