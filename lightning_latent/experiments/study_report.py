@@ -154,16 +154,10 @@ class StudyReport:
         pairs += [(arm, base, "") for base in ("temperature", "coconut_start") for arm in self.arms
                   if arm != base and (arm, base) not in PRIMARY]
         for arm, base, tag in pairs:
-            diffs, per_seed = [], []
-            for s in range(self.seeds):
-                a, b = per_problem.get((arm, s)), per_problem.get((base, s))
-                if a is None or b is None:
-                    continue
-                d = [x - y for x, y in zip(a, b)]
-                per_seed.append(f"s{s}: {mean_pm(d, signed=True)}")
-                diffs.append(sum(d) / len(d))
-            if diffs:
-                rows.append([f"{arm} − {base}{tag}", "; ".join(per_seed), mean_pm(diffs, signed=True)])
+            d = paired_diffs(per_problem, arm, base)
+            if d:
+                rows.append([f"{arm} − {base}{tag}", "; ".join(f"s{s}: {mean_pm(v, signed=True)}" for s, v in d.items()),
+                             mean_pm([sum(v) / len(v) for v in d.values()], signed=True)])
         lines += [markdown_table(["comparison", "per seed", "across seeds"], rows)]
         lines += self.headroom_table(per_problem)
         lines += ["", f"Wall time of this invocation: {time.perf_counter() - self.t0:.0f} s."]
@@ -181,11 +175,8 @@ class StudyReport:
         rows = []
         for a, b in PRIMARY:
             for name, keep in groups:
-                diffs = {}
-                for s in sorted(start):
-                    if keep(start[s]) and (a, s) in per_problem and (b, s) in per_problem:
-                        d = [x - y for x, y in zip(per_problem[(a, s)], per_problem[(b, s)])]
-                        diffs[s] = sum(d) / len(d)
+                diffs = {s: sum(v) / len(v) for s, v in paired_diffs(per_problem, a, b).items()
+                         if s in start and keep(start[s])}
                 if diffs:
                     rows.append([f"{a} − {b}", name, ", ".join(f"s{s} ({100 * start[s]:.0f}%)" for s in diffs),
                                  mean_pm(list(diffs.values()), signed=True)])
@@ -300,6 +291,13 @@ def mean_over_seeds(series: list[list[tuple[int, float]]]) -> tuple[list[int], l
             by_step.setdefault(int(step), []).append(value)
     steps = sorted(st for st, vals in by_step.items() if len(vals) == len(series))
     return steps, [sum(by_step[st]) / len(series) for st in steps]
+
+
+def paired_diffs(per_problem: dict[tuple[str, int], list], a: str, b: str) -> dict[int, list[float]]:
+    """Per seed, in seed order, the per-problem differences ``a - b`` of two arms' test correctness (the same
+    problems in the same order), for the seeds where both were tested."""
+    seeds = sorted(s for (arm, s) in per_problem if arm == a and (b, s) in per_problem)
+    return {s: [x - y for x, y in zip(per_problem[(a, s)], per_problem[(b, s)])] for s in seeds}
 
 
 def mean_pm(values: list[float], signed: bool = False) -> str:
