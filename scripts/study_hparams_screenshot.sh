@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The HParams tab of a study's test runs only: one row per arm and seed with its test pass@1.
+#
+#   scripts/study_hparams_screenshot.sh STUDY_TB [OUT.png]      (default OUT: docs/images/hparams.png)
+#
+# A study's TensorBoard root (its --work's tb/, e.g. /work/runs/paper/study/tb) also holds its starts, their
+# checks and the arms' training runs, which a screenshot would list first. This copies each test run's settings
+# and event file (not its predictions) to a temporary log root, writes the experiment description there
+# (python -m lightning_latent.experiments.hparams) and takes the screenshot (scripts/hparams_screenshot.sh).
+set -euo pipefail
+TB=${1:?usage: $0 STUDY_TB [OUT.png]}
+OUT=${2:-docs/images/hparams.png}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+n=0
+for run in "$TB"/test_*/*/; do
+  [ -d "$run" ] || continue
+  rel=${run#"$TB"/}
+  mkdir -p "$TMP/$rel"
+  cp "$run"/events.out.tfevents.* "$TMP/$rel"
+  cp "$run"/*.yaml "$TMP/$rel" 2>/dev/null || true
+  n=$((n + 1))
+done
+[ "$n" -gt 0 ] || { echo "no test run under $TB (test_<arm>/<version>/)" >&2; exit 1; }
+echo "$n test runs"
+python -m lightning_latent.experiments.hparams "$TMP"
+"$(dirname "$0")/hparams_screenshot.sh" "$TMP" "$OUT"
