@@ -22,6 +22,15 @@ checkpoints it no longer keeps from that directory. ``restore`` unpacks the tar 
 at the directory they were saved from (the cells' paths), and refuses to overwrite one. (A tar of the first
 format, its checkpoints inside, restores as well.)
 
+Only a start's ``last.ckpt`` that no cell names yet (a start still training) is a point a run resumes from. Every
+other kept checkpoint is read for its weights only: ``--model.init_from`` (extensions, converged checks, the arms,
+``cot_grpo`` from ``phase-cot.ckpt``) reads ``state_dict`` and the tokenizer, and ``test --ckpt_path`` restores no
+optimizer (Lightning restores optimizers only when fitting). Those are stored **slim**, without
+``optimizer_states`` (two thirds of a checkpoint: Adam's two moments per weight), which the manifest lists with
+the digest of the full file they came from; a full checkpoint already stored stays as it is (it is in git's
+history anyway). A run that tried to resume from a slim one would stop with Lightning's "contains only the
+model" error, never train on from wrong moments.
+
     python scripts/work_state.py save /work/runs/paper experiments/runs_state/paper.tar
     python scripts/work_state.py restore experiments/runs_state/paper.tar
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import fnmatch
+import hashlib
 import json
 import shutil
 import sys
@@ -37,6 +47,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 START_RUNS = ("coconut", "extend", "repair")
 START_CKPTS = ("last.ckpt", "phase-cot.ckpt")
 
@@ -68,9 +79,42 @@ def kept_checkpoints(work: Path) -> set[Path]:
     return {p.resolve() for p in keep if p.exists() and work.resolve() in p.resolve().parents}
 
 
+def resume_points(work: Path, keep: set[Path]) -> set[Path]:
+    """The kept checkpoints a run resumes from: a start run's ``last.ckpt`` that no cell record names (module doc).
+    ``keep``: resolved paths (:func:`kept_checkpoints`)."""
+    named: set[Path] = set()
+    for f in work.rglob("cells/*.json"):
+        named |= {Path(p).resolve() for p in _ckpts_named(json.loads(f.read_text()))}
+    return {p for p in keep if p.name == "last.ckpt" and p.parent.name == "checkpoints"
+            and p.parent.parent.parent.name in START_RUNS and p not in named}
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def slim_checkpoint(src: Path, dst: Path) -> None:
+    """``src`` without ``optimizer_states`` at ``dst`` (module doc); the rest, weights included, unchanged."""
+    import torch
+
+    if str(REPO) not in sys.path:  # the checkpoint's hyper-parameters unpickle into lightning_latent's classes
+        sys.path.insert(0, str(REPO))
+    ck = torch.load(src, map_location="cpu", weights_only=False)
+    ck.pop("optimizer_states", None)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save(ck, tmp)
+    tmp.replace(dst)
+
+
 def save(work: Path, out: Path, exclude: tuple[str, ...] = ()) -> dict:
-    """Pack ``work`` (module doc). ``exclude``: glob patterns of checkpoints (relative to ``work``) not to keep
-    although the rule would, e.g. the starts of the ``p_train`` rates not chosen, whose every cell is done."""
+    """Pack ``work`` (module doc). ``exclude``: glob patterns of paths (relative to ``work``) not to keep although
+    the rule would: checkpoints, e.g. the starts of the ``p_train`` rates not chosen, whose every cell is done, and
+    files, e.g. the test runs' ``predictions_test.jsonl`` (1.4 MB each; their cells hold the per-problem results)."""
     work = work.resolve()
     keep = {p for p in kept_checkpoints(work)
             if not any(fnmatch.fnmatch(str(p.relative_to(work)), pat) for pat in exclude)}
@@ -78,24 +122,37 @@ def save(work: Path, out: Path, exclude: tuple[str, ...] = ()) -> dict:
         if not zipfile.is_zipfile(p) or zipfile.ZipFile(p).testzip() is not None:
             raise SystemExit(f"{p} is not a whole checkpoint (torch saves a zip archive): stop its run, and remove "
                              "the file to rerun from the one before, or rerun the save once the run has saved again")
-    files = [p for p in sorted(work.rglob("*")) if p.is_file() and p.suffix != ".ckpt"]
+    files = [p for p in sorted(work.rglob("*")) if p.is_file() and p.suffix != ".ckpt"
+             and not any(fnmatch.fnmatch(str(p.relative_to(work)), pat) for pat in exclude)]
     out.parent.mkdir(parents=True, exist_ok=True)
     rels = sorted(str(p.relative_to(work)) for p in keep)
+    resume = {str(p.relative_to(work)) for p in resume_points(work, keep)}
+    manifest_file = out.with_suffix(".json")
+    before = json.loads(manifest_file.read_text()).get("slim", {}) if manifest_file.exists() else {}
+    dest = ckpt_dir(out)
+    slim: dict[str, str] = {}
+    for rel in rels:
+        d, src = dest / rel, work / rel
+        if d.exists() and filecmp.cmp(d, src, shallow=False):  # unchanged (a slim one restored here is slim)
+            if rel in before:
+                slim[rel] = before[rel]
+            continue
+        if rel in resume:
+            d.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, d)
+            continue
+        slim[rel] = digest(src)
+        if not (d.exists() and before.get(rel) == slim[rel]):
+            slim_checkpoint(src, d)
     manifest = {"work": str(work), "files": len(files) + len(keep), "checkpoints": rels,
-                "checkpoint_dir": ckpt_dir(out).name,
+                "checkpoint_dir": dest.name, "slim": slim,
                 "bytes": sum(p.stat().st_size for p in (*files, *keep))}
     with tarfile.open(out, "w") as tar:
         for p in files:
             tar.add(p, arcname=str(p.relative_to(work)))
-    dest = ckpt_dir(out)
-    for rel in rels:
-        d = dest / rel
-        if not (d.exists() and filecmp.cmp(d, work / rel, shallow=False)):
-            d.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(work / rel, d)
     for old in [f for f in dest.rglob("*.ckpt") if str(f.relative_to(dest)) not in rels] if dest.exists() else []:
         old.unlink()  # a checkpoint no longer kept (its history stays in git)
-    out.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
+    manifest_file.write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -130,13 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("work", type=Path)
     s.add_argument("out", type=Path)
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="checkpoints (paths relative to WORK) not to keep, e.g. 'p_train/pt0.1/*'")
+                   help="paths relative to WORK not to keep, e.g. 'p_train/pt0.1/*' or '*/predictions_test.jsonl'")
     r = sub.add_parser("restore")
     r.add_argument("tar", type=Path)
     a = ap.parse_args(argv)
     if a.cmd == "save":
         m = save(a.work, a.out, tuple(a.exclude))
-        print(json.dumps({k: m[k] for k in ("work", "files", "bytes")} | {"checkpoints": len(m["checkpoints"])}))
+        print(json.dumps({k: m[k] for k in ("work", "files", "bytes")} | {"checkpoints": len(m["checkpoints"]),
+                                                                             "slim": len(m["slim"])}))
     else:
         print(restore(a.tar))
 

@@ -2,10 +2,10 @@
 import importlib.util
 import json
 import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 spec = importlib.util.spec_from_file_location("work_state", Path(__file__).resolve().parents[2] / "scripts" / "work_state.py")
 ws = importlib.util.module_from_spec(spec)
@@ -14,12 +14,16 @@ spec.loader.exec_module(ws)
 
 def _touch(p: Path, text: str = "x") -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
-    if p.suffix == ".ckpt":  # torch saves a zip archive
-        with zipfile.ZipFile(p, "w") as z:
-            z.writestr("data.pkl", text)
+    if p.suffix == ".ckpt":  # a checkpoint's shape: weights, Adam's moments, the rest
+        torch.save({"state_dict": {"model.lm.w": torch.full((4,), float(len(text)))}, "text": text,
+                    "optimizer_states": [{"exp_avg": torch.ones(4), "exp_avg_sq": torch.ones(4)}]}, p)
     else:
         p.write_text(text)
     return p
+
+
+def _load(p: Path) -> dict:
+    return torch.load(p, weights_only=False)
 
 
 def test_save_keeps_starts_and_untested_cells_and_restores_in_place(tmp_path):
@@ -47,7 +51,14 @@ def test_save_keeps_starts_and_untested_cells_and_restores_in_place(tmp_path):
         assert not [n for n in tar.getnames() if n.endswith(".ckpt")]
     kept = tmp_path / "state" / "paper.ckpts"
     assert sorted(str(f.relative_to(kept)) for f in kept.rglob("*.ckpt")) == sorted(m["checkpoints"])
-    assert (kept / rel(start)).read_bytes() == start.read_bytes()
+    # the start still training is kept whole (it resumes); the others are read for their weights: kept slim
+    assert (kept / rel(running)).read_bytes() == running.read_bytes()
+    assert sorted(m["slim"]) == sorted(rel(p) for p in (start, cot, untested))
+    assert "optimizer_states" not in _load(kept / rel(start)) and _load(kept / rel(start))["text"] == "x"
+    assert torch.equal(_load(kept / rel(start))["state_dict"]["model.lm.w"], _load(start)["state_dict"]["model.lm.w"])
+    stamp = (kept / rel(start)).stat().st_mtime_ns
+    assert ws.save(work, tmp_path / "state" / "paper.tar")["slim"] == m["slim"]
+    assert (kept / rel(start)).stat().st_mtime_ns == stamp  # its source unchanged: not written again
     # a later save: a changed checkpoint is copied again, one no longer kept leaves the directory
     _touch(running, "a later step")
     untested.unlink()
@@ -57,6 +68,8 @@ def test_save_keeps_starts_and_untested_cells_and_restores_in_place(tmp_path):
     m = ws.save(work, tmp_path / "state" / "paper.tar", exclude=("p_train/*/tb/coconut/seed0/*",))
     assert rel(start) not in m["checkpoints"] and rel(cot) not in m["checkpoints"]
     assert not (kept / rel(start)).exists()
+    with tarfile.open(tmp_path / "state" / "paper.tar") as tar:  # files too
+        assert rel(cells / "coconut_s0.json") in tar.getnames() and rel(events) not in tar.getnames()
     m = ws.save(work, tmp_path / "state" / "paper.tar")
     untested = running
 
@@ -64,6 +77,9 @@ def test_save_keeps_starts_and_untested_cells_and_restores_in_place(tmp_path):
     assert ws.restore(tmp_path / "state" / "paper.tar") == work.resolve()
     for p in (start, cot, running, untested, events, cells / "test_dropout_greedy_s0.json"):
         assert p.exists(), p
+    assert "optimizer_states" not in _load(start) and "optimizer_states" in _load(running)
+    slim_before = ws.json.loads((tmp_path / "state" / "paper.json").read_text())["slim"]
+    assert ws.save(work, tmp_path / "state" / "paper.tar")["slim"] == slim_before  # saved again from here: as it was
     assert not tested.exists() and not (st / "tb/temperature/seed0/checkpoints/last.ckpt").exists()
     with pytest.raises(SystemExit, match="not empty"):  # never over a run
         ws.restore(tmp_path / "state" / "paper.tar")
@@ -96,3 +112,31 @@ def test_a_tar_of_the_first_format_restores_with_its_checkpoints_inside(tmp_path
     work.rename(tmp_path / "aside")
     ws.restore(tmp_path / "old.tar")
     assert ckpt.read_bytes() == (tmp_path / "aside" / ckpt.relative_to(work)).read_bytes()
+
+
+def test_a_slim_checkpoint_tests_and_starts_runs_like_the_full_one(cot_ckpt, tmp_path):
+    """What reads a slim checkpoint (module doc): ``test --ckpt_path`` gives the same numbers, ``init_from`` the
+    same weights and tokenizer; and a fit that tried to resume from it stops rather than train on without Adam."""
+    from conftest import tiny_trainer
+    from cot_start import SYN, tiny
+
+    from lightning_latent.data.datamodule import LatentDataModule
+    from lightning_latent.model.build import init_state_dict
+    from lightning_latent.schedule import Phase
+
+    slim = tmp_path / "slim.ckpt"
+    ws.slim_checkpoint(Path(cot_ckpt), slim)
+    assert "optimizer_states" not in _load(slim) and slim.stat().st_size < Path(cot_ckpt).stat().st_size / 2
+
+    def test(ckpt):
+        dm = LatentDataModule(synthetic=SYN, val_limit=32, test_limit=32, eval_batch_size=32)
+        return tiny_trainer(tmp_path).test(tiny([Phase("cot", steps=150)]), datamodule=dm, ckpt_path=str(ckpt),
+                                           verbose=False)
+
+    full, thin = test(cot_ckpt), test(slim)
+    assert full == thin and full[0]["test/pass@1"] > 0
+    (a, ta), (b, tb) = init_state_dict(cot_ckpt), init_state_dict(str(slim))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and ta == tb
+    with pytest.raises(KeyError, match="contains only the model"):
+        dm = LatentDataModule(synthetic=SYN, val_limit=32, test_limit=32, eval_batch_size=32)
+        tiny_trainer(tmp_path).fit(tiny([Phase("cot", steps=160)]), datamodule=dm, ckpt_path=str(slim))
