@@ -77,7 +77,7 @@ def comparison_lines(with_cells: Path, without_cells: Path, p_train: float, seed
     lines = [f"# Training with dropout ({tag}) against without (p_train = 0)", "",
              (f"The same arms, settings, seeds and test problems from two kinds of converged start: trained with the "
              f"arms' feature masks at {tag} (the study's starts) and without (`p_train = 0`). Test greedy pass@1 "
-             f"(masks off), n = {len(w[(START, both[0])]) if both else 0} problems per evaluation; per seed the mean "
+             f"(masks off){f', n = {len(w[(START, both[0])])} problems per evaluation' if both else ''}; per seed the mean "
              "of per-problem differences; across seeds mean ± 95% t-interval over seeds. A gain is an arm's test "
              "pass@1 minus its own start's (each start is its own model)."), ""]
     if not both:
