@@ -15,6 +15,7 @@ trap 'rm -rf "$TMP"' EXIT
 n=0
 for run in "$TB"/test_*/*/; do
   [ -d "$run" ] || continue
+  ls "$run"/events.out.tfevents.* >/dev/null 2>&1 || continue   # a test run that has not started logging
   rel=${run#"$TB"/}
   mkdir -p "$TMP/$rel"
   cp "$run"/events.out.tfevents.* "$TMP/$rel"

@@ -28,8 +28,9 @@ other kept checkpoint is read for its weights only: ``--model.init_from`` (exten
 optimizer (Lightning restores optimizers only when fitting). Those are stored **slim**, without
 ``optimizer_states`` (two thirds of a checkpoint: Adam's two moments per weight), which the manifest lists with
 the digest of the full file they came from; a full checkpoint already stored stays as it is (it is in git's
-history anyway). A run that tried to resume from a slim one would stop with Lightning's "contains only the
-model" error, never train on from wrong moments.
+history anyway). A fit asked to resume from a slim one stops with Lightning's "contains only the model" error
+rather than train on without its moments; in a study that can only happen to a start whose cell record was moved
+aside, and ``Study._run`` then retrains that cell from scratch (its run folder removed), as for any failed resume.
 
     python scripts/work_state.py save /work/runs/paper experiments/runs_state/paper.tar
     python scripts/work_state.py restore experiments/runs_state/paper.tar
@@ -111,10 +112,11 @@ def slim_checkpoint(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-def save(work: Path, out: Path, exclude: tuple[str, ...] = ()) -> dict:
-    """Pack ``work`` (module doc). ``exclude``: glob patterns of paths (relative to ``work``) not to keep although
-    the rule would: checkpoints, e.g. the starts of the ``p_train`` rates not chosen, whose every cell is done, and
-    files, e.g. the test runs' ``predictions_test.jsonl`` (1.4 MB each; their cells hold the per-problem results)."""
+def save(work: Path, out: Path, exclude: tuple[str, ...] = (), exclude_files: tuple[str, ...] = ()) -> dict:
+    """Pack ``work`` (module doc). ``exclude``: glob patterns of checkpoints (relative to ``work``) not to keep
+    although the rule would, e.g. the starts of the ``p_train`` rates not chosen, whose every cell is done (their
+    cell records and logs stay). ``exclude_files``: the same for the other files, e.g. the test runs'
+    ``predictions_test.jsonl`` (1.4 MB each; their cells hold the per-problem results)."""
     work = work.resolve()
     keep = {p for p in kept_checkpoints(work)
             if not any(fnmatch.fnmatch(str(p.relative_to(work)), pat) for pat in exclude)}
@@ -123,7 +125,7 @@ def save(work: Path, out: Path, exclude: tuple[str, ...] = ()) -> dict:
             raise SystemExit(f"{p} is not a whole checkpoint (torch saves a zip archive): stop its run, and remove "
                              "the file to rerun from the one before, or rerun the save once the run has saved again")
     files = [p for p in sorted(work.rglob("*")) if p.is_file() and p.suffix != ".ckpt"
-             and not any(fnmatch.fnmatch(str(p.relative_to(work)), pat) for pat in exclude)]
+             and not any(fnmatch.fnmatch(str(p.relative_to(work)), pat) for pat in exclude_files)]
     out.parent.mkdir(parents=True, exist_ok=True)
     rels = sorted(str(p.relative_to(work)) for p in keep)
     resume = {str(p.relative_to(work)) for p in resume_points(work, keep)}
@@ -146,7 +148,7 @@ def save(work: Path, out: Path, exclude: tuple[str, ...] = ()) -> dict:
             slim_checkpoint(src, d)
     manifest = {"work": str(work), "files": len(files) + len(keep), "checkpoints": rels,
                 "checkpoint_dir": dest.name, "slim": slim,
-                "bytes": sum(p.stat().st_size for p in (*files, *keep))}
+                "bytes": sum(p.stat().st_size for p in (*files, *(dest / r for r in rels)))}  # as stored
     with tarfile.open(out, "w") as tar:
         for p in files:
             tar.add(p, arcname=str(p.relative_to(work)))
@@ -187,12 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("work", type=Path)
     s.add_argument("out", type=Path)
     s.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="paths relative to WORK not to keep, e.g. 'p_train/pt0.1/*' or '*/predictions_test.jsonl'")
+                   help="checkpoints (paths relative to WORK) not to keep, e.g. 'p_train/pt0.1/*'")
+    s.add_argument("--exclude-file", action="append", default=[], metavar="GLOB",
+                   help="other files (paths relative to WORK) not to pack, e.g. '*/predictions_test.jsonl'")
     r = sub.add_parser("restore")
     r.add_argument("tar", type=Path)
     a = ap.parse_args(argv)
     if a.cmd == "save":
-        m = save(a.work, a.out, tuple(a.exclude))
+        m = save(a.work, a.out, tuple(a.exclude), tuple(a.exclude_file))
         print(json.dumps({k: m[k] for k in ("work", "files", "bytes")} | {"checkpoints": len(m["checkpoints"]),
                                                                              "slim": len(m["slim"])}))
     else:

@@ -41,14 +41,12 @@ def load_cells(cells: Path, arms: tuple[str, ...], seeds: int) -> tuple[dict, di
     return correct, zero_std
 
 
-def gain(correct: dict, arm: str, seed: int) -> list[float] | None:
-    """Per problem: ``arm - start`` of one seed (None when either is missing)."""
-    a, s = correct.get((arm, seed)), correct.get((START, seed))
-    if a is None or s is None:
-        return None
-    if len(a) != len(s):
-        raise ValueError(f"{arm} seed {seed}: {len(a)} test problems, its start {len(s)}: not the same problems")
-    return [x - y for x, y in zip(a, s)]
+def diff(correct: dict, a: str, b: str, seed: int) -> list[float]:
+    """Per problem: ``a - b`` of one seed in one study (both tested on the same problems)."""
+    x, y = correct[(a, seed)], correct[(b, seed)]
+    if len(x) != len(y):
+        raise ValueError(f"{a} − {b}, seed {seed}: {len(x)} and {len(y)} test problems: not the same problems")
+    return [u - v for u, v in zip(x, y)]
 
 
 def double_diffs(with_: dict, without: dict, arm: str, seeds: int, base: str = START) -> dict[int, list[float]]:
@@ -87,22 +85,21 @@ def comparison_lines(with_cells: Path, without_cells: Path, p_train: float, seed
                              [[s, f"{100 * _mean(w[(START, s)]):.1f}", f"{100 * _mean(o[(START, s)]):.1f}"]
                               for s in both]), ""]
     rows = []
-    for arm in arms:
-        gw = {s: g for s in range(seeds) if (g := gain(w, arm, s)) is not None}
-        go = {s: g for s in range(seeds) if (g := gain(o, arm, s)) is not None}
+    for arm in arms:  # every figure of a row over the same seeds: those with the arm and its start in both studies
         dd = double_diffs(w, o, arm, seeds)
-        rows.append([arm, _across(gw), _across(go),
-                     _per_seed(dd), _across(dd),
-                     _zero_std(wz, arm), _zero_std(oz, arm)])
+        gw, go = ({s: diff(c, arm, START, s) for s in dd} for c in (w, o))
+        rows.append([arm, ", ".join(f"s{s}" for s in dd) or "-", _across(gw), _across(go), _per_seed(dd),
+                     _across(dd), _zero_std(wz, arm, dd), _zero_std(oz, arm, dd)])
     lines += ["## Each arm's gain over its start (points)", "",
-              markdown_table(["arm", f"gain, {tag}", "gain, p_train = 0", "difference per seed (with − without)",
-                              "difference across seeds", f"frac_zero_std, {tag}", "frac_zero_std, p_train = 0"],
-                             rows), ""]
+              "Every figure of a row over the same seeds: those where the arm and its start are tested in both "
+              "studies. Per seed: mean of per-problem differences ± 95% t-interval over problems.", "",
+              markdown_table(["arm", "seeds", f"gain, {tag}", "gain, p_train = 0",
+                              "difference per seed (with − without)", "difference across seeds",
+                              f"frac_zero_std, {tag}", "frac_zero_std, p_train = 0"], rows), ""]
     a, b = "dropout_shared", "temperature"
     if a in arms and b in arms:
-        cw = {s: [x - y for x, y in zip(w[(a, s)], w[(b, s)])] for s in range(seeds) if (a, s) in w and (b, s) in w}
-        co = {s: [x - y for x, y in zip(o[(a, s)], o[(b, s)])] for s in range(seeds) if (a, s) in o and (b, s) in o}
         dd = double_diffs(w, o, a, seeds, base=b)
+        cw, co = ({s: diff(c, a, b, s) for s in dd} for c in (w, o))
         lines += ["## The primary comparison `dropout_shared − temperature` both ways (points)", "",
                   markdown_table(["starts", "per seed", "across seeds"],
                                  [[tag, _per_seed(cw), _across(cw)], ["p_train = 0", _per_seed(co), _across(co)],
@@ -140,6 +137,6 @@ def _per_seed(per_seed: dict[int, list[float]]) -> str:
     return "; ".join(f"s{s}: {mean_pm(v, signed=True)}" for s, v in per_seed.items()) or "-"
 
 
-def _zero_std(z: dict, arm: str) -> str:
-    v = [x for (a, _), x in z.items() if a == arm]
+def _zero_std(z: dict, arm: str, seeds) -> str:
+    v = [z[(arm, s)] for s in seeds if (arm, s) in z]
     return f"{_mean(v):.2f}" if v else "-"

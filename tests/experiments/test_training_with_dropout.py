@@ -52,13 +52,13 @@ def test_the_comparison_pairs_each_arm_with_its_own_start(tmp_path):
     # dropout_shared: +50 over its start on both seeds with masks in training, +0 without: +50 both seeds
     ds = _row(md, "## Each arm's gain", "dropout_shared")
     sd = (4 / 3 * 0.25) ** 0.5  # per-problem double differences of seed 0: [0, 1, 1, 0]
-    assert ds[1] == "+50.0 ± 0.0" and ds[2] == "+0.0 ± 0.0" and ds[4] == "+50.0 ± 0.0"
-    assert ds[3] == f"s0: +50.0 ± {100 * t975(3) * sd / 2:.1f}; s1: +50.0 ± {100 * t975(3) * sd / 2:.1f}"
-    assert ds[5:] == ["0.50", "0.75"]
+    assert ds[1] == "s0, s1" and ds[2] == "+50.0 ± 0.0" and ds[3] == "+0.0 ± 0.0" and ds[5] == "+50.0 ± 0.0"
+    assert ds[4] == f"s0: +50.0 ± {100 * t975(3) * sd / 2:.1f}; s1: +50.0 ± {100 * t975(3) * sd / 2:.1f}"
+    assert ds[6:] == ["0.50", "0.75"]
     # temperature: gains +25 / 0 with, 0 / +25 without: the difference +25 and -25
     t = _row(md, "## Each arm's gain", "temperature")
-    assert t[1] == f"+12.5 ± {100 * t975(1) * 0.125:.1f}" and t[2] == t[1]
-    assert t[4] == f"+0.0 ± {100 * t975(1) * 0.25:.1f}"
+    assert t[2] == f"+12.5 ± {100 * t975(1) * 0.125:.1f}" and t[3] == t[2]
+    assert t[5] == f"+0.0 ± {100 * t975(1) * 0.25:.1f}"
     # the primary comparison: dropout_shared - temperature +25 / +50 with, 0 / -25 without
     p = md.split("## The primary comparison")[1]
     assert "| p_train = 0.05 | s0: +25.0" in p and "s1: +50.0" in p  # seed 0: [0, 0, 1, 0] per problem, sd 0.5
@@ -66,12 +66,16 @@ def test_the_comparison_pairs_each_arm_with_its_own_start(tmp_path):
     assert "on 2 of 2 seeds" in md and "is `dropout_greedy`'s gain above" in md
 
 
-def test_a_seed_missing_from_either_study_is_left_out(tmp_path):
+def test_a_seed_missing_from_either_study_is_left_out_of_every_figure(tmp_path):
+    """Seed 1 finished with masks in training only: every column (gains, their difference, the primary
+    comparison, frac_zero_std) reads seed 0 alone, so the difference is the two gains' difference."""
     w = _cells(tmp_path / "with", WITH, 0.5)
     o = _cells(tmp_path / "without", {0: WITHOUT[0]}, 0.75)
     md = "\n".join(comparison_lines(w, o, 0.05, 2))
-    assert _row(md, "## Each arm's gain", "dropout_shared")[3].startswith("s0: +50.0") and "s1:" not in \
-        _row(md, "## Each arm's gain", "dropout_shared")[3]
+    t = _row(md, "## Each arm's gain", "temperature")
+    assert t[1:6] == ["s0", "+25.0", "+0.0", f"s0: +25.0 ± {100 * t975(3) * 0.25:.1f}", "+25.0"]
+    p = md.split("## The primary comparison")[1]
+    assert "| p_train = 0.05 | s0: +25.0" in p and "s1:" not in p
     assert "No seed has both starts" in "\n".join(comparison_lines(w, _cells(tmp_path / "empty", {}, 0.0), 0.05, 2))
 
 

@@ -68,7 +68,10 @@ def test_save_keeps_starts_and_untested_cells_and_restores_in_place(tmp_path):
     m = ws.save(work, tmp_path / "state" / "paper.tar", exclude=("p_train/*/tb/coconut/seed0/*",))
     assert rel(start) not in m["checkpoints"] and rel(cot) not in m["checkpoints"]
     assert not (kept / rel(start)).exists()
-    with tarfile.open(tmp_path / "state" / "paper.tar") as tar:  # files too
+    with tarfile.open(tmp_path / "state" / "paper.tar") as tar:  # checkpoints only: the run's records stay
+        assert rel(events) in tar.getnames()
+    ws.save(work, tmp_path / "state" / "paper.tar", exclude_files=("*/events.out.tfevents.*",))
+    with tarfile.open(tmp_path / "state" / "paper.tar") as tar:
         assert rel(cells / "coconut_s0.json") in tar.getnames() and rel(events) not in tar.getnames()
     m = ws.save(work, tmp_path / "state" / "paper.tar")
     untested = running
