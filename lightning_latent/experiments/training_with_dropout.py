@@ -91,8 +91,8 @@ def comparison_lines(with_cells: Path, without_cells: Path, p_train: float, seed
         rows.append([arm, ", ".join(f"s{s}" for s in dd) or "-", _across(gw), _across(go), _per_seed(dd),
                      _across(dd), _zero_std(wz, arm, dd), _zero_std(oz, arm, dd)])
     lines += ["## Each arm's gain over its start (points)", "",
-              "Every figure of a row over the same seeds: those where the arm and its start are tested in both "
-              "studies. Per seed: mean of per-problem differences ± 95% t-interval over problems.", "",
+              ("Every figure of a row over the same seeds: those where the arm and its start are tested in both "
+               "studies. Per seed: mean of per-problem differences ± 95% t-interval over problems."), "",
               markdown_table(["arm", "seeds", f"gain, {tag}", "gain, p_train = 0",
                               "difference per seed (with − without)", "difference across seeds",
                               f"frac_zero_std, {tag}", "frac_zero_std, p_train = 0"], rows), ""]
