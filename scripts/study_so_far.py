@@ -24,10 +24,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, required=True, help="report seeds 0 .. N-1 (each must be finished)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    ps = PaperSetting(a.task, a.work, a.work / "docs" / "paper_setting", a.out)
-    c = ps.choices()
-    if "settings" not in c:
-        raise SystemExit(f"{ps.choices_file}: no settings chosen yet; the study has not started")
+    ps, c = PaperSetting.reading(a.task, a.work, a.out)
     st = ps.study("study", c["p_train"]["chosen"], a.seeds, ARMS, a.out, 1, c["settings"])
     missing = [f"{k}_{arm}_s{s}" for s in range(a.seeds) for arm in ARMS for k in ("train", "test")
                if not (st.cells / f"{k}_{arm}_s{s}.json").exists()]

@@ -26,10 +26,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (step_pt0 runs 3)")
     ap.add_argument("--out", type=Path, required=True, help="writes OUT/training_with_dropout.md")
     a = ap.parse_args()
-    ps = PaperSetting(a.task, a.work, a.work / "docs" / "paper_setting", a.out)
-    c = ps.choices()
-    if "settings" not in c:
-        raise SystemExit(f"{ps.choices_file}: no settings chosen yet; neither study has started")
+    ps, c = PaperSetting.reading(a.task, a.work, a.out)
     p = c["p_train"]["chosen"]
     with_ = ps.study("study", p, a.seeds, ARMS, a.out, 1, c["settings"]).cells
     without = ps.study("pt0", 0.0, a.seeds, ARMS, a.out, 1, c["settings"]).cells

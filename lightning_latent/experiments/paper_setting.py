@@ -212,6 +212,17 @@ class PaperSetting:
         self.work.mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def reading(cls, task: str, work: Path, study_out: Path) -> tuple[PaperSetting, dict]:
+        """The pipeline in ``work`` (choices in ``work/docs/paper_setting``, as the README's command writes them)
+        and its choices, for a script that reports on it while it runs; exits, naming the file, while the
+        study's settings are not chosen (no study cell can exist yet)."""
+        ps = cls(task, work, work / "docs" / "paper_setting", study_out)
+        c = ps.choices()
+        if "settings" not in c:
+            raise SystemExit(f"{ps.choices_file}: no settings chosen yet; the study has not started")
+        return ps, c
+
     # -- bookkeeping ----------------------------------------------------------------------------------
     def note(self, msg: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
