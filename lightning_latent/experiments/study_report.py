@@ -160,6 +160,7 @@ class StudyReport:
                              mean_pm([sum(v) / len(v) for v in d.values()], signed=True)])
         lines += [markdown_table(["comparison", "per seed", "across seeds"], rows)]
         lines += self.headroom_table(per_problem)
+        lines += self.changed_answers_table(per_problem)
         lines += ["", f"Wall time of this invocation: {time.perf_counter() - self.t0:.0f} s."]
         (self.out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -187,6 +188,31 @@ class StudyReport:
                  "issue's headroom; the task's difficulty was chosen on seed 0's start). Mean over seeds ± 95% "
                  "t-interval over seeds (one seed: its mean alone)."), "",
                 markdown_table(["comparison", "seeds", "seeds (start's test pass@1)", "difference (points)"], rows)]
+
+    def changed_answers_table(self, per_problem: dict) -> list[str]:
+        """Per arm and seed, the test problems the arm fixes and breaks against its start: a net gain is their
+        difference, and an arm can move many answers for a small net (its updates reshuffle rather than learn).
+        Not for ``cot_grpo``, which starts from the CoT model."""
+        seeds = sorted(s for (arm, s) in per_problem if arm == "coconut_start")
+        rows = []
+        for arm in self.arms:
+            if arm == "cot_grpo":
+                continue
+            d = paired_diffs(per_problem, arm, "coconut_start")
+            if not d:
+                continue
+            fixed = {s: sum(x > 0 for x in v) for s, v in d.items()}
+            broken = {s: sum(x < 0 for x in v) for s, v in d.items()}
+            changed = [(fixed[s] + broken[s]) / len(v) for s, v in d.items()]
+            rows.append([arm, *[f"+{fixed[s]} / -{broken[s]}" if s in d else "-" for s in seeds],
+                         mean_pm(changed)])
+        if not rows:
+            return []
+        return ["", "## Test answers changed against the start", "",
+                ("Per seed: problems the arm answers right that its start got wrong (+) and wrong that its start got "
+                 "right (-), of the same test problems; the net gain is their difference. Changed: both, as a share "
+                 "of the problems, mean ± 95% t-interval over seeds."), "",
+                markdown_table(["arm", *[f"seed {s}" for s in seeds], "changed (%)"], rows)]
 
     def per_seed_table(self, results: list[dict]) -> list[str]:
         """Test pass@1 of every arm on every seed, the start's first: each seed's start sets its own headroom

@@ -193,6 +193,8 @@ def test_the_report_puts_the_primary_comparisons_first(tmp_path):
     assert (tmp_path / "training_curves.png").exists()
     per_seed = md.split("## Test pass@1 per seed")[1].split("##")[0]  # each seed's start: its own headroom
     assert "| coconut_start | 25.0 | 25.0 |" in per_seed and "| dropout_shared | 75.0 | 75.0 |" in per_seed
+    changed = md.split("## Test answers changed against the start")[1].split("##")[0]  # fixed / broken, per seed
+    assert "| dropout_shared | +2 / -0 | +2 / -0 | 50.0 ± 0.0 |" in changed and "| none | +0 / -0 | +0 / -0 | 0.0 ± 0.0 |" in changed
 
 
 def test_the_report_splits_the_primary_comparisons_by_the_starts_headroom(tmp_path):
