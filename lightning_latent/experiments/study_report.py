@@ -156,8 +156,7 @@ class StudyReport:
         for arm, base, tag in pairs:
             d = paired_diffs(per_problem, arm, base)
             if d:
-                rows.append([f"{arm} − {base}{tag}", "; ".join(f"s{s}: {mean_pm(v, signed=True)}" for s, v in d.items()),
-                             mean_pm([sum(v) / len(v) for v in d.values()], signed=True)])
+                rows.append([f"{arm} − {base}{tag}", per_seed_pm(d), across_seeds_pm(d)])
         lines += [markdown_table(["comparison", "per seed", "across seeds"], rows)]
         lines += self.headroom_table(per_problem)
         lines += self.changed_answers_table(per_problem)
@@ -323,7 +322,21 @@ def paired_diffs(per_problem: dict[tuple[str, int], list], a: str, b: str) -> di
     """Per seed, in seed order, the per-problem differences ``a - b`` of two arms' test correctness (the same
     problems in the same order), for the seeds where both were tested."""
     seeds = sorted(s for (arm, s) in per_problem if arm == a and (b, s) in per_problem)
+    for s in seeds:  # zip would drop the unmatched tail silently
+        if len(per_problem[(a, s)]) != len(per_problem[(b, s)]):
+            raise ValueError(f"{a} − {b}, seed {s}: {len(per_problem[(a, s)])} and {len(per_problem[(b, s)])} test "
+                             "problems: not the same problems")
     return {s: [x - y for x, y in zip(per_problem[(a, s)], per_problem[(b, s)])] for s in seeds}
+
+
+def per_seed_pm(diffs: dict[int, list[float]]) -> str:
+    """``"s0: +1.2 ± 0.5; s1: ..."``: each seed's mean per-problem difference ± its interval over problems."""
+    return "; ".join(f"s{s}: {mean_pm(v, signed=True)}" for s, v in diffs.items()) or "-"
+
+
+def across_seeds_pm(diffs: dict[int, list[float]]) -> str:
+    """The per-seed means' mean ± 95% t-interval over seeds."""
+    return mean_pm([sum(v) / len(v) for v in diffs.values()], signed=True) if diffs else "-"
 
 
 def mean_pm(values: list[float], signed: bool = False) -> str:

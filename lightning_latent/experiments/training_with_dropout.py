@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from .reporting import markdown_table
-from .study_report import mean_pm
+from .study_report import across_seeds_pm, paired_diffs, per_seed_pm
 
 #: The arms run from both kinds of start (``PaperSetting.step_pt0``).
 ARMS = ("temperature", "dropout_shared", "dropout_greedy")
@@ -39,14 +39,6 @@ def load_cells(cells: Path, arms: tuple[str, ...], seeds: int) -> tuple[dict, di
             if arm != START and t.exists():
                 zero_std[(arm, s)] = json.loads(t.read_text())["frac_zero_std"]
     return correct, zero_std
-
-
-def diff(correct: dict, a: str, b: str, seed: int) -> list[float]:
-    """Per problem: ``a - b`` of one seed in one study (both tested on the same problems)."""
-    x, y = correct[(a, seed)], correct[(b, seed)]
-    if len(x) != len(y):
-        raise ValueError(f"{a} − {b}, seed {seed}: {len(x)} and {len(y)} test problems: not the same problems")
-    return [u - v for u, v in zip(x, y)]
 
 
 def double_diffs(with_: dict, without: dict, arm: str, seeds: int, base: str = START) -> dict[int, list[float]]:
@@ -87,9 +79,9 @@ def comparison_lines(with_cells: Path, without_cells: Path, p_train: float, seed
     rows = []
     for arm in arms:  # every figure of a row over the same seeds: those with the arm and its start in both studies
         dd = double_diffs(w, o, arm, seeds)
-        gw, go = ({s: diff(c, arm, START, s) for s in dd} for c in (w, o))
-        rows.append([arm, ", ".join(f"s{s}" for s in dd) or "-", _across(gw), _across(go), _per_seed(dd),
-                     _across(dd), _zero_std(wz, arm, dd), _zero_std(oz, arm, dd)])
+        gw, go = ({s: v for s, v in paired_diffs(c, arm, START).items() if s in dd} for c in (w, o))
+        rows.append([arm, ", ".join(f"s{s}" for s in dd) or "-", across_seeds_pm(gw), across_seeds_pm(go), per_seed_pm(dd),
+                     across_seeds_pm(dd), _zero_std(wz, arm, dd), _zero_std(oz, arm, dd)])
     lines += ["## Each arm's gain over its start (points)", "",
               ("Every figure of a row over the same seeds: those where the arm and its start are tested in both "
                "studies. Per seed: mean of per-problem differences ± 95% t-interval over problems."), "",
@@ -99,11 +91,11 @@ def comparison_lines(with_cells: Path, without_cells: Path, p_train: float, seed
     a, b = "dropout_shared", "temperature"
     if a in arms and b in arms:
         dd = double_diffs(w, o, a, seeds, base=b)
-        cw, co = ({s: diff(c, a, b, s) for s in dd} for c in (w, o))
+        cw, co = ({s: v for s, v in paired_diffs(c, a, b).items() if s in dd} for c in (w, o))
         lines += ["## The primary comparison `dropout_shared − temperature` both ways (points)", "",
                   markdown_table(["starts", "per seed", "across seeds"],
-                                 [[tag, _per_seed(cw), _across(cw)], ["p_train = 0", _per_seed(co), _across(co)],
-                                  ["difference (with − without)", _per_seed(dd), _across(dd)]]),
+                                 [[tag, per_seed_pm(cw), across_seeds_pm(cw)], ["p_train = 0", per_seed_pm(co), across_seeds_pm(co)],
+                                  ["difference (with − without)", per_seed_pm(dd), across_seeds_pm(dd)]]),
                   ""]
     none, _ = load_cells(with_cells, ("none",), seeds)
     tested = [s for s in range(seeds) if ("none", s) in none and (START, s) in none]
@@ -127,14 +119,6 @@ def write_comparison(with_cells: Path, without_cells: Path, p_train: float, seed
 
 def _mean(v: list) -> float:
     return sum(v) / len(v)
-
-
-def _across(per_seed: dict[int, list[float]]) -> str:
-    return mean_pm([_mean(v) for v in per_seed.values()], signed=True) if per_seed else "-"
-
-
-def _per_seed(per_seed: dict[int, list[float]]) -> str:
-    return "; ".join(f"s{s}: {mean_pm(v, signed=True)}" for s, v in per_seed.items()) or "-"
 
 
 def _zero_std(z: dict, arm: str, seeds) -> str:
