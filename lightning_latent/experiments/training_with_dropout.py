@@ -41,19 +41,18 @@ def load_cells(cells: Path, arms: tuple[str, ...], seeds: int) -> tuple[dict, di
     return correct, zero_std
 
 
-def double_diffs(with_: dict, without: dict, arm: str, seeds: int, base: str = START) -> dict[int, list[float]]:
-    """Per seed where all four cells exist: per problem ``(arm - base)`` with masks in training minus the same
-    without. ``base`` is the start (the arm's gain) or another arm (a comparison's change)."""
-    out = {}
-    for s in range(seeds):
-        a = [with_.get((arm, s)), with_.get((base, s)), without.get((arm, s)), without.get((base, s))]
-        if any(x is None for x in a):
-            continue
-        if len({len(x) for x in a}) != 1:
+def double_diffs(with_: dict, without: dict, arm: str, seeds: int, base: str = START) -> tuple[dict, dict, dict]:
+    """Per seed below ``seeds`` where all four cells exist: per problem ``(arm - base)`` with masks in training,
+    the same without, and their difference (with minus without). ``base`` is the start (the arm's gain) or another
+    arm (a comparison's change). Each study's ``arm - base`` is :func:`~.study_report.paired_diffs`."""
+    gw, go = paired_diffs(with_, arm, base), paired_diffs(without, arm, base)
+    both = [s for s in gw if s in go and s < seeds]
+    for s in both:
+        if len(gw[s]) != len(go[s]):
             raise ValueError(f"{arm} − {base}, seed {s}: the two studies tested different numbers of problems "
-                             f"({[len(x) for x in a]}); they must share the test problems")
-        out[s] = [(w - wb) - (o - ob) for w, wb, o, ob in zip(*a)]
-    return out
+                             f"({len(gw[s])} and {len(go[s])}); they must share the test problems")
+    gw, go = {s: gw[s] for s in both}, {s: go[s] for s in both}
+    return gw, go, {s: [x - y for x, y in zip(gw[s], go[s])] for s in both}
 
 
 def comparison_lines(with_cells: Path, without_cells: Path, p_train: float, seeds: int,
@@ -78,8 +77,7 @@ def comparison_lines(with_cells: Path, without_cells: Path, p_train: float, seed
                               for s in both]), ""]
     rows = []
     for arm in arms:  # every figure of a row over the same seeds: those with the arm and its start in both studies
-        dd = double_diffs(w, o, arm, seeds)
-        gw, go = ({s: v for s, v in paired_diffs(c, arm, START).items() if s in dd} for c in (w, o))
+        gw, go, dd = double_diffs(w, o, arm, seeds)
         rows.append([arm, ", ".join(f"s{s}" for s in dd) or "-", across_seeds_pm(gw), across_seeds_pm(go), per_seed_pm(dd),
                      across_seeds_pm(dd), _zero_std(wz, arm, dd), _zero_std(oz, arm, dd)])
     lines += ["## Each arm's gain over its start (points)", "",
@@ -90,8 +88,7 @@ def comparison_lines(with_cells: Path, without_cells: Path, p_train: float, seed
                               f"frac_zero_std, {tag}", "frac_zero_std, p_train = 0"], rows), ""]
     a, b = "dropout_shared", "temperature"
     if a in arms and b in arms:
-        dd = double_diffs(w, o, a, seeds, base=b)
-        cw, co = ({s: v for s, v in paired_diffs(c, a, b).items() if s in dd} for c in (w, o))
+        cw, co, dd = double_diffs(w, o, a, seeds, base=b)
         lines += ["## The primary comparison `dropout_shared − temperature` both ways (points)", "",
                   markdown_table(["starts", "per seed", "across seeds"],
                                  [[tag, per_seed_pm(cw), across_seeds_pm(cw)], ["p_train = 0", per_seed_pm(co), across_seeds_pm(co)],

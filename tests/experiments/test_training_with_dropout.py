@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from lightning_latent.experiments.study_report import paired_diffs
 from lightning_latent.experiments.training_with_dropout import (
     comparison_lines,
     double_diffs,
@@ -86,7 +87,5 @@ def test_studies_on_different_problems_are_refused(tmp_path):
     oc, _ = load_cells(o, ("dropout_shared",), 2)
     with pytest.raises(ValueError, match="different numbers of problems"):
         double_diffs(wc, oc, "dropout_shared", 2)
-    from lightning_latent.experiments.study_report import paired_diffs
-
     with pytest.raises(ValueError, match="not the same problems"):  # within one study too: zip would truncate
         paired_diffs({**wc, ("dropout_shared", 0): [1, 0, 0, 0, 1]}, "dropout_shared", "coconut_start")
