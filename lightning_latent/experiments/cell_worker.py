@@ -77,7 +77,10 @@ def serve() -> None:
             continue
         req = json.loads(line)
         rc = run_cell(req["argv"], req["log"])
-        answers.write(json.dumps({"rc": rc}) + "\n")
+        try:
+            answers.write(json.dumps({"rc": rc}) + "\n")
+        except BrokenPipeError:  # the driver is gone (stopped or killed): nobody to answer, nothing to add
+            return
 
 
 class CellWorker:
