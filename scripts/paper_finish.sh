@@ -33,5 +33,9 @@ else
   echo "warning: no finished study in choices.json; results.md is the driver's" >&2
 fi
 python scripts/training_with_dropout.py --work "$WORK" --out "$OUT"
-scripts/study_hparams_screenshot.sh "$WORK/study/tb" "${HPARAMS_PNG:-docs/images/hparams.png}"
+# seed 0's start was built and tested by the p_train grid: its test run lives there
+P=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['p_train']['chosen'])" "$WORK/docs/paper_setting/choices.json")
+EXTRA=()
+[ -e "$WORK/study/tb/test_coconut/seed0" ] || EXTRA=("$WORK/p_train/pt$P/tb/test_coconut/seed0")
+scripts/study_hparams_screenshot.sh "$WORK/study/tb" "${HPARAMS_PNG:-docs/images/hparams.png}" "${EXTRA[@]}"
 echo "written: $OUT (and the screenshot); now the README's summary"

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The HParams tab of a study's test runs only: one row per arm and seed with its test pass@1.
 #
-#   scripts/study_hparams_screenshot.sh STUDY_TB [OUT.png]      (default OUT: docs/images/hparams.png)
+#   scripts/study_hparams_screenshot.sh STUDY_TB [OUT.png [RUN_DIR ...]]      (default OUT: docs/images/hparams.png)
+#
+# Each RUN_DIR (.../test_<arm>/<version>/, from another log root) is added as test_<arm>/<version>: issue 22's seed-0
+# start was built and tested by the p_train grid, so its test run lives under p_train/pt<p>/tb, not the study's.
 #
 # A study's TensorBoard root (its --work's tb/, e.g. /work/runs/paper/study/tb) also holds its starts, their
 # checks and the arms' training runs, which a screenshot would list first. This copies each test run's settings
 # and event file (not its predictions) to a temporary log root, writes the experiment description there
 # (python -m lightning_latent.experiments.hparams) and takes the screenshot (scripts/hparams_screenshot.sh).
 set -euo pipefail
-TB=${1:?usage: $0 STUDY_TB [OUT.png]}
+TB=${1:?usage: $0 STUDY_TB [OUT.png [RUN_DIR ...]]}
 OUT=${2:-docs/images/hparams.png}
+shift $(($# < 2 ? $# : 2))
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 n=0
@@ -17,6 +21,16 @@ for run in "$TB"/test_*/*/; do
   [ -d "$run" ] || continue
   ls "$run"/events.out.tfevents.* >/dev/null 2>&1 || continue   # a test run that has not started logging
   rel=${run#"$TB"/}
+  mkdir -p "$TMP/$rel"
+  cp "$run"/events.out.tfevents.* "$TMP/$rel"
+  cp "$run"/*.yaml "$TMP/$rel" 2>/dev/null || true
+  n=$((n + 1))
+done
+for run in "$@"; do
+  run=${run%/}
+  ls "$run"/events.out.tfevents.* >/dev/null 2>&1 || { echo "no event file in $run" >&2; exit 1; }
+  rel=$(basename "$(dirname "$run")")/$(basename "$run")
+  [ ! -e "$TMP/$rel" ] || { echo "$rel twice (the study's and $run)" >&2; exit 1; }
   mkdir -p "$TMP/$rel"
   cp "$run"/events.out.tfevents.* "$TMP/$rel"
   cp "$run"/*.yaml "$TMP/$rel" 2>/dev/null || true
