@@ -17,24 +17,23 @@ shift $(($# < 2 ? $# : 2))
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 n=0
+copy_run() {  # RUN_DIR REL: its event file and settings (not its predictions) to $TMP/REL
+  mkdir -p "$TMP/$2"
+  cp "$1"/events.out.tfevents.* "$TMP/$2"
+  cp "$1"/*.yaml "$TMP/$2" 2>/dev/null || true
+  n=$((n + 1))
+}
 for run in "$TB"/test_*/*/; do
   [ -d "$run" ] || continue
   ls "$run"/events.out.tfevents.* >/dev/null 2>&1 || continue   # a test run that has not started logging
-  rel=${run#"$TB"/}
-  mkdir -p "$TMP/$rel"
-  cp "$run"/events.out.tfevents.* "$TMP/$rel"
-  cp "$run"/*.yaml "$TMP/$rel" 2>/dev/null || true
-  n=$((n + 1))
+  copy_run "$run" "${run#"$TB"/}"
 done
 for run in "$@"; do
   run=${run%/}
   ls "$run"/events.out.tfevents.* >/dev/null 2>&1 || { echo "no event file in $run" >&2; exit 1; }
   rel=$(basename "$(dirname "$run")")/$(basename "$run")
   [ ! -e "$TMP/$rel" ] || { echo "$rel twice (the study's and $run)" >&2; exit 1; }
-  mkdir -p "$TMP/$rel"
-  cp "$run"/events.out.tfevents.* "$TMP/$rel"
-  cp "$run"/*.yaml "$TMP/$rel" 2>/dev/null || true
-  n=$((n + 1))
+  copy_run "$run" "$rel"
 done
 [ "$n" -gt 0 ] || { echo "no test run under $TB (test_<arm>/<version>/)" >&2; exit 1; }
 echo "$n test runs"
