@@ -377,13 +377,14 @@ class Study:
         start = self._done(f"start_s{seed}")
         return bool(start and start["ckpt"] == ckpt and start.get("extensions", 0) > 0)
 
-    def _arm_args(self, seed: int, arm: str, start: str, steps: int, sft_lr: float = 1.0e-4) -> list[str]:
-        """``fit`` of ``arm`` from ``start`` for ``steps`` steps, with the budget's validation."""
+    def _arm_args(self, seed: int, arm: str, start: str, steps: int, sft_lr: float | None = None) -> list[str]:
+        """``fit`` of ``arm`` from ``start`` for ``steps`` steps, with the budget's validation. A supervised arm
+        trains at ``sft_lr``, by default the budget's (one place for the number, not a second default here)."""
         b = self.budget
         args = ["fit", "--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm}.yaml"),
                 *self._seed_args(seed), "--model.init_from", start, "--data.val_limit", str(b.val_limit)]
         spec = get_arm(arm)
-        extra = {"batch_size": 32, "lr": sft_lr} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
+        extra = {"batch_size": 32, "lr": b.sft_lr if sft_lr is None else sft_lr} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
         if spec.start == "cot":  # the CoT model, at stage 0 with the CoT prompt layout
             extra["stages"] = [0]
         return args + [*b.arm_args.get(arm, []),
@@ -450,7 +451,7 @@ class Study:
         b = self.budget
         start_val = self.start_val(seed, arm, start)
         t = time.perf_counter()
-        args = [*self._arm_args(seed, arm, start, b.grpo_steps, sft_lr=b.sft_lr),
+        args = [*self._arm_args(seed, arm, start, b.grpo_steps),
                 "--trainer.val_check_interval", str(b.val_interval),
                 "--trainer.log_every_n_steps", "1",  # the training-reward curve at every step ("learns")
                 "--checkpoint.monitor", "val/pass@1", "--checkpoint.mode", "max", "--checkpoint.save_top_k", "1",

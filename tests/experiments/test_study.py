@@ -533,3 +533,6 @@ def test_sft_continue_trains_at_the_lr_its_start_ended_at(tmp_path, monkeypatch)
     assert lr_of("default") == 1.0e-4
     assert lr_of("converged_p4_40") == FLOOR_LR == BUDGETS["converged_p4_40"].converged_lr == 1.0e-5
     assert BUDGETS["converged_p4_40"].with_settings({"grpo": {"model.optim.grpo_lr": 1.25e-6}}).sft_lr == FLOOR_LR
+    # the only default of that lr is the budget's: a command built without one (the start's 0-step validation) has it
+    args = Study(tmp_path / "c", seeds=1, budget="converged_p4_40")._arm_args(0, "sft_continue", "S.ckpt", 0)
+    assert json.loads(args[args.index("--model.schedule") + 1])[0]["lr"] == FLOOR_LR
