@@ -39,3 +39,25 @@ def test_reference_is_a_frozen_copy_that_scores_like_the_policy_did(make_latent_
     # a resumed run rebuilds the same reference from the saved state, whatever the policy holds now
     again = Reference(policy, cfg, ref.state)
     assert torch.equal(again.logprobs(rb, 1.0, True), perturbed)
+
+
+def test_reference_scores_bit_for_bit_like_the_policy_at_equal_weights(make_latent_lm, layout, word_tokenizer,
+                                                                       synth_records):
+    """At the phase's start the reference IS the policy, so the KL term and its gradient must be exactly 0:
+    Adam turns even a 1e-8 gradient into an lr-sized step, and an arm without signal (``none``) would then
+    drift on rounding alone. The reference's weights do not require grad and the policy's do, which selects
+    another GEMM path in torch's matmul for a non-contiguous 3-D input (the slice from ``logits_from``) and,
+    on some CPUs, other rounding: so the output embedding must see a contiguous input."""
+    policy = make_latent_lm(seed=3)
+    cfg = PerturbConfig(arm="dropout_shared", p=0.3)
+    pert = Perturber(policy.lm, cfg)
+    rb = _batch(policy, pert, layout, word_tokenizer, synth_records[:2])
+    seen = []
+    hook = policy.lm.get_output_embeddings().register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        logp, _ = replay_logprobs(policy, pert, rb, 1.0)
+    finally:
+        hook.remove()
+    assert seen and all(x.is_contiguous() for x in seen)  # the machine-independent half of the guarantee
+    ref = Reference(policy, cfg)
+    assert torch.equal(ref.logprobs(rb, 1.0, True), logp.detach())

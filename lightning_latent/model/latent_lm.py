@@ -255,7 +255,12 @@ class LatentLM(nn.Module):
         if ckpt and return_cache:
             cache = _cache_from_chunks(self.lm.config, chunks)
         hidden = torch.cat(hiddens, 1) if len(hiddens) > 1 else hiddens[0]
-        logits = self.lm.get_output_embeddings()(hidden[:, logits_from:]) if logits_from < t else None
+        # ``.contiguous()``: torch's matmul folds a 3-D input into one GEMM or runs it batched depending on
+        # whether the weight requires grad, and on some CPUs (MKL on Intel AVX-512) the two round
+        # differently. A slice from ``logits_from`` is not contiguous, so the frozen GRPO reference (no grad)
+        # scored the same rows as the policy a few 1e-6 apart at equal weights: a KL gradient from nothing,
+        # which Adam scales to lr-sized steps (the ``none`` arm drifted). A contiguous input takes one path.
+        logits = self.lm.get_output_embeddings()(hidden[:, logits_from:].contiguous()) if logits_from < t else None
         return LatentOutput(logits, hidden, final_thought, cache if return_cache else None)
 
 
