@@ -225,6 +225,38 @@ def test_the_report_splits_the_primary_comparisons_by_the_starts_headroom(tmp_pa
     assert rows[("dropout_greedy − none", "start outside it")].endswith("| s1 (100%) | +0.0 |")
 
 
+def test_the_report_gives_the_primary_comparisons_from_converged_starts_only(tmp_path):
+    """A seed whose start failed its converged check (its start record says so) is left out of a second line per
+    primary comparison; with every start converged the section is not written at all."""
+    from lightning_latent.experiments.study_report import StudyReport
+
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    start = [1, 1, 0, 0]
+    gain = {0: [1, 1, 1, 0], 1: [1, 1, 1, 0], 2: [1, 1, 1, 1]}  # dropout_greedy: +1, +1, +2 problems over none
+    for s in range(3):
+        arms = {"coconut": start, "none": start, "temperature": start, "dropout_shared": start, "dropout_greedy": gain[s]}
+        for arm, cc in arms.items():
+            (cells / f"test_{arm}_s{s}.json").write_text(json.dumps(
+                {"pass@1": sum(cc) / 4, "sampled_pass@1": 0.0, "maj@8": 0.0, "pass@8": 0.0, "n_eval": 4, "correct": cc}))
+            if arm != "coconut":
+                (cells / f"train_{arm}_s{s}.json").write_text(json.dumps({"frac_zero_std": 0.5, "curves": {}}))
+    arms = ("none", "temperature", "dropout_shared", "dropout_greedy")
+    title = "## The primary comparisons from converged starts only"
+    for s in range(3):
+        (cells / f"start_s{s}.json").write_text(json.dumps({"ckpt": "x", "converged": True}))
+    StudyReport(tmp_path, tmp_path / "tb", cells, 3, arms, BUDGETS["converged_p4_20"], 0.0).write()
+    assert title not in (tmp_path / "results.md").read_text()
+    (cells / "start_s2.json").write_text(json.dumps({"ckpt": "x", "converged": False}))
+    StudyReport(tmp_path, tmp_path / "tb", cells, 3, arms, BUDGETS["converged_p4_20"], 0.0).write()
+    table = (tmp_path / "results.md").read_text().split(title)[1].split("##")[0]
+    assert "(seed 2)" in table
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines() if " − " in line}
+    assert rows[("dropout_greedy − none", "all seeds")].endswith("| s0, s1, s2 | +33.33 ± 35.86 |")  # t(2) 4.303 * 14.43 / sqrt(3)
+    assert rows[("dropout_greedy − none", "converged starts")].endswith("| s0, s1 | +25.00 ± 0.00 |")
+    assert rows[("dropout_shared − temperature", "converged starts")].endswith("| s0, s1 | +0.00 ± 0.00 |")
+
+
 def test_the_p_train_cells_run_at_their_own_lr_and_rate(tmp_path):
     """The p_train step's dropout_greedy cells: rollout p = p_train (the rate's budget) and, with ptrain_lr,
     that GRPO lr (the recipe does not exist yet); the start trains at p_train."""
