@@ -203,3 +203,23 @@ def test_testing_a_checkpoint_under_another_schedule_names_the_mismatch(tmp_path
         run(["test", *TINY, "--model.schedule", SCHED, "--ckpt_path", str(ckpt)], tmp_path)
     p = run(["test", *TINY, "--model.schedule", floor, "--ckpt_path", str(ckpt)], tmp_path)
     assert "test/pass@1" in p.stdout + p.stderr
+
+
+def test_reference_gap_of_an_arm_without_signal_is_exactly_zero(tmp_path):
+    """``scripts/reference_gap.py`` around a real ``fit``: ``none``'s advantages are all 0 and, at the phase's start,
+    the reference is the policy, so every inner iteration has a log-prob gap and a gradient of exactly 0 (with a
+    gradient of 1e-8, Adam would move the weights: ``docs/design.md#hazards``)."""
+    out = tmp_path / "gap.json"
+    args = ["fit", "--config", str(ROOT / "experiments" / "configs" / "synthetic" / "arms" / "none.yaml"), *TINY,
+            "--model.grpo.mu", "2", "--model.schedule", '[{"kind": "grpo", "steps": 2, "name": "none"}]',
+            "--trainer.val_check_interval", "100", "--summary.splits", "[]", "--summary.evaluate_start", "false"]
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "reference_gap.py"), str(out), "--", *args],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == report
+    rows = report["iterations"]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]  # 2 GRPO steps x mu 2
+    assert all(r["max_abs_advantage"] == 0.0 and r["max_abs_logp_minus_ref"] == 0.0 and r["grad_norm"] == 0.0
+               for r in rows)
