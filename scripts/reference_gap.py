@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import lightning_latent
-import lightning_latent.rl.update as update
+from lightning_latent.rl import update
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
         if e.code not in (0, None):
             raise
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+                            text=True, check=False).stdout.strip()  # "" outside a git checkout
     report = {"commit": commit, "package": str(root), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "iterations": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
