@@ -384,7 +384,8 @@ class Study:
         args = ["fit", "--config", str(CONFIGS / "dropout_grpo.yaml"), "--config", str(CONFIGS / "arms" / f"{arm}.yaml"),
                 *self._seed_args(seed), "--model.init_from", start, "--data.val_limit", str(b.val_limit)]
         spec = get_arm(arm)
-        extra = {"batch_size": 32, "lr": b.sft_lr if sft_lr is None else sft_lr} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
+        lr = b.sft_lr if sft_lr is None else sft_lr
+        extra = {"batch_size": 32, "lr": lr} if spec.phase == "sft" else {}  # 32: the prompts per GRPO step
         if spec.start == "cot":  # the CoT model, at stage 0 with the CoT prompt layout
             extra["stages"] = [0]
         return args + [*b.arm_args.get(arm, []),

@@ -173,14 +173,10 @@ class StudyReport:
         start = {s: sum(c) / len(c) for (arm, s), c in per_problem.items() if arm == "coconut_start"}
         groups = (("all seeds", lambda v: True), (f"start in {100 * lo:.0f}-{100 * hi:.0f}%", lambda v: lo <= v <= hi),
                   ("start outside it", lambda v: not lo <= v <= hi))
-        rows = []
-        for a, b in PRIMARY:
-            for name, keep in groups:
-                diffs = {s: sum(v) / len(v) for s, v in paired_diffs(per_problem, a, b).items()
-                         if s in start and keep(start[s])}
-                if diffs:
-                    rows.append([f"{a} − {b}", name, ", ".join(f"s{s} ({100 * start[s]:.0f}%)" for s in diffs),
-                                 mean_pm(list(diffs.values()), signed=True)])
+        groups = [(name, lambda s, keep=keep: s in start and keep(start[s])) for name, keep in groups]
+        rows = [[comparison, name, ", ".join(f"s{s} ({100 * start[s]:.0f}%)" for s in diffs),
+                 mean_pm(list(diffs.values()), signed=True)]
+                for comparison, name, diffs in primary_by_group(per_problem, groups)]
         if not rows:
             return []
         return ["", "## The primary comparisons by the start's headroom", "",
@@ -199,14 +195,12 @@ class StudyReport:
                   if (rec := self._done(f"start_s{s}")) and "converged" in rec}
         if not status or all(status.values()):
             return []
+        groups = (("all seeds", lambda s: True), ("converged starts", lambda s: status.get(s, False)))
         rows = []
-        for a, b in PRIMARY:
-            for name, keep in (("all seeds", lambda s: True), ("converged starts", lambda s: status.get(s, False))):
-                diffs = {s: sum(v) / len(v) for s, v in paired_diffs(per_problem, a, b).items() if keep(s)}
-                if diffs:
-                    m, h = mean_and_ci95(list(diffs.values()))
-                    rows.append([f"{a} − {b}", name, ", ".join(f"s{s}" for s in diffs),
-                                 f"{100 * m:+.2f}" + ("" if math.isnan(h) else f" ± {100 * h:.2f}")])
+        for comparison, name, diffs in primary_by_group(per_problem, groups):
+            m, h = mean_and_ci95(list(diffs.values()))
+            rows.append([comparison, name, ", ".join(f"s{s}" for s in diffs),
+                         f"{100 * m:+.2f}" + ("" if math.isnan(h) else f" ± {100 * h:.2f}")])
         if not rows:
             return []
         failed = ", ".join(f"seed {s}" for s, ok in status.items() if not ok)
@@ -344,6 +338,20 @@ def mean_over_seeds(series: list[list[tuple[int, float]]]) -> tuple[list[int], l
             by_step.setdefault(int(step), []).append(value)
     steps = sorted(st for st, vals in by_step.items() if len(vals) == len(series))
     return steps, [sum(by_step[st]) / len(series) for st in steps]
+
+
+def primary_by_group(per_problem: dict[tuple[str, int], list], groups) -> list[tuple[str, str, dict[int, float]]]:
+    """For each primary comparison and each ``(name, keep(seed))`` group of seeds: ``("a − b", name, {seed: mean
+    per-problem difference})`` over the group's seeds, in seed order; a group without a seed is left out. The
+    splits of the report (by headroom, by converged start) differ only in which seeds a group keeps."""
+    out = []
+    for a, b in PRIMARY:
+        per_seed = {s: sum(v) / len(v) for s, v in paired_diffs(per_problem, a, b).items()}
+        for name, keep in groups:
+            diffs = {s: d for s, d in per_seed.items() if keep(s)}
+            if diffs:
+                out.append((f"{a} − {b}", name, diffs))
+    return out
 
 
 def paired_diffs(per_problem: dict[tuple[str, int], list], a: str, b: str) -> dict[int, list[float]]:
